@@ -1,0 +1,213 @@
+"""Times jt_attention side by side with the attention a JAX user already has.
+
+    python examples/benchmark.py --batch 32 --num_heads 32 --q_len 512 --head_dim 1024
+    python examples/benchmark.py --preset issue2 --json results.json
+
+Implementations (--impls):
+  jt          jt_attention.dot_product_attention (Triton kernels)
+  xla         jax.nn.dot_product_attention(implementation='xla')
+  cudnn       jax.nn.dot_product_attention(implementation='cudnn'), head_dim <= 256
+  unfused     einsum, softmax, einsum, all in the input dtype, under jit
+  torch_bmm   torch baddbmm + softmax + bmm in the input dtype (cuBLAS), if torch is there
+
+Each row gives the median ms, TFLOP/s (4*B*H*Sq*Sk*D, halved for causal) and the
+relative error against an fp32 reference. An implementation that fails is recorded
+as NaN with its reason.
+"""
+
+import json
+import math
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jt_attention
+from jt_attention.plan import Problem
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 32, "batch size")
+flags.DEFINE_integer("num_heads", 32, "query heads")
+flags.DEFINE_integer("num_kv_heads", None, "key/value heads (default: num_heads)")
+flags.DEFINE_integer("q_len", 512, "query length")
+flags.DEFINE_integer("kv_len", None, "key/value length (default: q_len)")
+flags.DEFINE_integer("head_dim", 1024, "head dim")
+flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "input dtype")
+flags.DEFINE_bool("causal", False, "causal mask (top-left aligned)")
+flags.DEFINE_list("impls", ["jt", "xla", "cudnn", "unfused", "torch_bmm"], "implementations")
+flags.DEFINE_enum("preset", None, ["issue2"], "run a list of shapes instead of one")
+flags.DEFINE_integer("repeats", 7, "timed repeats; the median is reported")
+flags.DEFINE_float("min_repeat_ms", 50.0, "each repeat runs enough calls to last this long")
+flags.DEFINE_string("json", None, "write the rows here")
+
+# (batch, heads, q_len, kv_len, head_dim, causal)
+PRESETS = {
+    "issue2": [
+        (32, 32, 512, 512, 1024, False),   # the seed workload (KernelBench L1-97)
+        (16, 16, 2048, 2048, 128, False),
+        (16, 16, 2048, 2048, 128, True),
+        (16, 16, 2048, 2048, 64, False),
+        (8, 16, 2048, 2048, 256, False),
+        (4, 32, 2048, 2048, 512, False),
+        (4, 32, 2048, 2048, 1024, False),
+    ],
+}
+
+
+def _unfused(q, k, v, scale, causal):
+    """What a careful user writes by hand: einsum, softmax, einsum, in the input dtype."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * jnp.asarray(scale, q.dtype)
+    if causal:
+        logits = jnp.where(jnp.tril(jnp.ones(logits.shape[-2:], bool)), logits, -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _jax_impls(problem):
+    scale, causal = problem.scale, problem.is_causal
+    nn = lambda impl: (lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, implementation=impl))
+    return {
+        "jt": lambda q, k, v: jt_attention.dot_product_attention(
+            q, k, v, scale=scale, is_causal=causal, implementation="triton"),
+        "xla": nn("xla"),
+        "cudnn": nn("cudnn"),
+        "unfused": lambda q, k, v: _unfused(q, k, v, scale, causal),
+    }
+
+
+def _torch_bmm(q, k, v, problem):
+    """cuBLAS batched GEMMs + softmax in the input dtype; returns a timed callable."""
+    import torch
+    from torch.utils import dlpack
+
+    if problem.num_kv_heads != problem.num_heads:
+        raise ValueError("torch_bmm covers num_kv_heads == num_heads only")
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    to_heads = lambda x: dlpack.from_dlpack(x).permute(0, 2, 1, 3).reshape(b * n, -1, h).contiguous()
+    tq, tk, tv = to_heads(q), to_heads(k), to_heads(v)
+    zero = torch.zeros(1, 1, 1, dtype=tq.dtype, device=tq.device)  # broadcast, beta=0
+    mask = torch.ones(t, s, dtype=torch.bool, device=tq.device).tril() if problem.is_causal else None
+
+    def run():
+        scores = torch.baddbmm(zero, tq, tk.transpose(1, 2), beta=0.0, alpha=problem.scale)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.bmm(torch.softmax(scores, dim=-1), tv)
+        return out.reshape(b, n, t, h).permute(0, 2, 1, 3)
+
+    return run, lambda out: torch.cuda.synchronize(), lambda out: out.float().cpu().numpy()
+
+
+def _time(call, finish):
+    """Median ms per call over FLAGS.repeats repeats of back-to-back calls.
+
+    finish(out) waits for the device; the first call (compile, autotune) is not timed."""
+    finish(call())
+    start = time.perf_counter()
+    finish(call())
+    once = max(time.perf_counter() - start, 1e-6)
+    calls = max(1, math.ceil(FLAGS.min_repeat_ms / 1e3 / once))
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = call()
+        finish(out)
+        times.append((time.perf_counter() - start) / calls * 1e3)
+    return float(np.median(times)), out
+
+
+def _relative_error(out, ref):
+    out = np.asarray(out, np.float32)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal, impls):
+    problem = Problem(batch, q_len, kv_len, heads, kv_heads, head_dim, np.dtype(dtype),
+                      1.0 / math.sqrt(head_dim), causal)
+    keys = jax.random.split(jax.random.key(int(time.time())), 3)
+    q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+    ref, _ = jax.jit(jt_attention.attention_reference, static_argnames=("scale", "is_causal"))(
+        q, k, v, scale=problem.scale, is_causal=causal)
+    ref = np.asarray(ref, np.float32)
+    jax_impls = _jax_impls(problem)
+    rows = []
+    for name in impls:
+        row = dict(impl=name, batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len,
+                   kv_len=kv_len, head_dim=head_dim, dtype=str(np.dtype(dtype)), causal=causal,
+                   gpu=jax.devices()[0].device_kind)
+        try:
+            if name == "torch_bmm":
+                run, finish, to_numpy = _torch_bmm(q, k, v, problem)
+                ms, out = _time(run, finish)
+                out = to_numpy(out)
+            else:
+                fn = jax.jit(jax_impls[name])
+                ms, out = _time(lambda: fn(q, k, v), jax.block_until_ready)
+            err = _relative_error(out, ref)
+            row.update(ms=ms, tflops=problem.flops() / ms / 1e9, rel_err=err,
+                       ok=bool(np.isfinite(err)))
+        except Exception as e:  # recorded, not raised: one failing peer must not stop the run
+            row.update(ms=float("nan"), tflops=float("nan"), rel_err=float("nan"), ok=False,
+                       reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        rows.append(row)
+        print(_format(row), flush=True)
+    return rows
+
+
+def _shape_label(row):
+    return (f"B={row['batch']} H={row['heads']} Sq={row['q_len']} Sk={row['kv_len']} "
+            f"D={row['head_dim']} {row['dtype']}{' causal' if row['causal'] else ''}")
+
+
+def _format(row):
+    text = (f"{_shape_label(row):<46} {row['impl']:<10} {row['ms']:9.3f} ms "
+            f"{row['tflops']:7.1f} TFLOP/s err {row['rel_err']:.1e}")
+    return text + (f"  [{row['reason']}]" if "reason" in row else "")
+
+
+def main(argv):
+    del argv
+    dtype = jnp.dtype(FLAGS.dtype)
+    if FLAGS.preset:
+        shapes = PRESETS[FLAGS.preset]
+    else:
+        shapes = [(FLAGS.batch, FLAGS.num_heads, FLAGS.q_len, FLAGS.kv_len or FLAGS.q_len,
+                   FLAGS.head_dim, FLAGS.causal)]
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    rows = []
+    for batch, heads, q_len, kv_len, head_dim, causal in shapes:
+        kv_heads = FLAGS.num_kv_heads or heads
+        rows += benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal,
+                                FLAGS.impls)
+    print("\nsummary (ms; ratio = jt time / best peer time)")
+    for shape_rows in _group(rows):
+        peers = [r for r in shape_rows if r["impl"] != "jt" and r["ok"]]
+        jt = next((r for r in shape_rows if r["impl"] == "jt"), None)
+        best = min(peers, key=lambda r: r["ms"]) if peers else None
+        ratio = jt["ms"] / best["ms"] if (jt and best) else float("nan")
+        cells = "  ".join(f"{r['impl']}={r['ms']:.3f}" for r in shape_rows)
+        print(f"{_shape_label(shape_rows[0]):<46} {cells}  ratio={ratio:.2f}")
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def _group(rows):
+    groups = {}
+    for row in rows:
+        key = tuple(row[k] for k in ("batch", "heads", "q_len", "kv_len", "head_dim", "dtype",
+                                     "causal"))
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
+
+
+if __name__ == "__main__":
+    app.run(main)

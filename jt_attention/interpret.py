@@ -1,0 +1,117 @@
+"""Runs the forward plan through Triton's CPU interpreter, hosted in `jax.pure_callback`.
+
+Triton picks the interpreter when a function is decorated, for its own standard
+library as much as for these kernels, so this path needs TRITON_INTERPRET=1 in
+the environment before `triton` is first imported (the test suite's conftest sets
+it on machines without a GPU). The interpreter reads and writes through torch CPU
+tensors, so it also needs torch (the `test` extra).
+
+Block sizes here are small on purpose: the tests' short sequences then still
+cross several blocks and score tiles, so every masked and unmasked path runs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+
+from jt_attention.plan import forward_plan
+
+INTERPRETER_SCORE_TILE_N = 32
+INTERPRETER_BLOCKS = {
+    "_flash_forward_kernel": dict(BLOCK_M=32, BLOCK_N=16),
+    "_score_tiles_kernel": dict(BLOCK_M=32, BLOCK_K=32),
+    "_weighted_values_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64),
+}
+
+
+def interpreter_enabled():
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _widen_bf16_dot_operands():
+    """Triton's interpreter (3.9) keeps bf16 as raw uint16 bits and its `dot` multiplies
+    those bits as integers; it widens fp8 operands but not bf16. Widen bf16 to fp32 the
+    same way before its dot. Does nothing once the interpreter handles bf16 itself."""
+    from triton.runtime import interpreter
+
+    builder = type(interpreter.interpreter_builder)
+    original = builder.create_dot
+    if getattr(original, "widens_bf16", False):
+        return
+
+    def widened(handle):
+        if handle.dtype != triton.language.bfloat16 or handle.data.dtype != np.uint16:
+            return handle
+        bits = handle.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), triton.language.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot.widens_bf16 = True
+    builder.create_dot = create_dot
+
+
+def _require_interpreter():
+    if not interpreter_enabled():
+        raise RuntimeError("implementation='interpret' runs Triton's interpreter, which must be "
+                           "chosen before triton is imported: set TRITON_INTERPRET=1 in the "
+                           "environment (e.g. `TRITON_INTERPRET=1 python app.py`)")
+    try:
+        import torch  # noqa: F401
+    except ImportError as err:
+        raise ImportError("implementation='interpret' drives Triton's interpreter with torch "
+                          "CPU tensors: pip install 'jt_attention[test]'") from err
+    _widen_bf16_dot_operands()
+
+
+def _to_torch(array):
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == jnp.dtype("bfloat16"):
+        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def _to_numpy(tensor, dtype):
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(jnp.dtype("bfloat16"))
+    return tensor.numpy().astype(dtype, copy=False)
+
+
+def _empty_poisoned(buffer):
+    """A NaN-filled output: a tile the kernels forget to write shows up in the result."""
+    return _to_torch(np.full(buffer.shape, np.nan, dtype=buffer.dtype))
+
+
+def run_interpreted(launches, arrays, blocks=None):
+    """Runs `launches` on numpy `arrays` (name -> array); returns every buffer as numpy."""
+    _require_interpreter()
+    blocks = INTERPRETER_BLOCKS if blocks is None else blocks
+    buffers = {name: _to_torch(array) for name, array in arrays.items()}
+    dtypes = {name: array.dtype for name, array in arrays.items()}
+    for launch in launches:
+        outputs = [_empty_poisoned(b) for b in launch.outputs]
+        metaparams = {**launch.metaparams, **blocks[launch.kernel.fn.__name__]}
+        launch.kernel[launch.grid(metaparams)](
+            *(buffers[name] for name in launch.inputs), *outputs, **metaparams)
+        buffers.update(zip((b.name for b in launch.outputs), outputs))
+        dtypes.update((b.name, b.dtype) for b in launch.outputs)
+    return {name: _to_numpy(t, dtypes[name]) for name, t in buffers.items()}
+
+
+def interpret_forward(q, k, v, problem):
+    """(out, lse [B, H, Sq] fp32) from the interpreted kernels; works under jit."""
+    _require_interpreter()
+    launches = forward_plan(problem, score_tile_n=INTERPRETER_SCORE_TILE_N)
+    result_shapes = tuple(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launches[-1].outputs)
+
+    def host(q, k, v):
+        buffers = run_interpreted(launches, {"q": q, "k": k, "v": v})
+        return tuple(buffers[b.name] for b in launches[-1].outputs)
+
+    return jax.pure_callback(host, result_shapes, q, k, v, vmap_method="sequential")

@@ -1,0 +1,202 @@
+"""Attention forward for head dims above 256, in two launches.
+
+A FlashAttention output block (BLOCK_M x D fp32) does not fit the register file
+for D = 1024, and recomputing Q.K^T once per D-chunk of the output would multiply
+its FLOPs. Instead (GUIDE.md section 4):
+
+1. `_score_tiles_kernel`, one program per (BLOCK_M x TILE_N) score tile: a GEMM over
+   the head dim, then the tile's row max m_t, its probabilities exp(s - m_t) in the
+   input dtype (values in [0, 1], so fp16 cannot overflow), and its row sums l_t.
+2. `_weighted_values_kernel`, one program per (BLOCK_M rows, BLOCK_D output columns):
+   merges the tile statistics into the row max m and sum l, then accumulates
+   sum_t (exp(m_t - m) * P_t) . V_t and divides by l. Rescaling is one multiply per
+   element (in fp32): no exp per element, and no division until the end.
+
+The D-chunks of one row block are adjacent in the grid, so their re-reads of P come
+from L2. Scores are in base 2, as in the flash kernel.
+"""
+
+import triton
+import triton.language as tl
+
+from jt_attention.kernels.tiles import load_tile, store_tile
+
+
+@triton.jit
+def _score_tiles_kernel(
+    q_ptr, k_ptr, probs_ptr, tile_max_ptr, tile_sum_ptr,
+    SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STRIDE_QB: tl.constexpr, STRIDE_QS: tl.constexpr, STRIDE_QH: tl.constexpr,
+    STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grid = (cdiv(SEQ_Q, BLOCK_M) * NUM_TILES, batch * NUM_HEADS).
+
+    probs: [batch * NUM_HEADS, SEQ_Q, NUM_TILES * TILE_N], input dtype.
+    tile_max, tile_sum: [batch * NUM_HEADS, NUM_TILES, SEQ_Q] fp32, base 2.
+    """
+    NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
+    tile = tl.program_id(0)
+    start_m = (tile // NUM_TILES) * BLOCK_M
+    tile_n = tile % NUM_TILES
+    start_n = tile_n * TILE_N
+    batch_head = tl.program_id(1)
+    batch = batch_head // NUM_HEADS
+    head = batch_head % NUM_HEADS
+
+    # A causal tile wholly above the diagonal is never read by the second launch.
+    visible_end = start_m + BLOCK_M if IS_CAUSAL else SEQ_K
+    if start_n < visible_end:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = start_n + tl.arange(0, TILE_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        q_ptrs = (q_ptr + batch * STRIDE_QB + head * STRIDE_QH
+                  + offs_m[:, None] * STRIDE_QS + offs_k[None, :])
+        k_ptrs = (k_ptr + batch * STRIDE_KB + (head // KV_GROUP) * STRIDE_KH
+                  + offs_n[:, None] * STRIDE_KS + offs_k[None, :])
+        RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
+        RAGGED_KEYS: tl.constexpr = SEQ_K % TILE_N != 0
+        RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
+        scores = tl.zeros([BLOCK_M, TILE_N], tl.float32)
+        for start_k in range(0, HEAD_DIM, BLOCK_K):
+            q = load_tile(q_ptrs + start_k, offs_m, start_k + offs_k, SEQ_Q, HEAD_DIM,
+                          RAGGED_ROWS, RAGGED_DIM)
+            k = load_tile(k_ptrs + start_k, offs_n, start_k + offs_k, SEQ_K, HEAD_DIM,
+                          RAGGED_KEYS, RAGGED_DIM)
+            scores = tl.dot(q, tl.trans(k), scores, input_precision=DOT_PRECISION)
+        scores = scores * (SCALE * 1.4426950408889634)  # log2(e)
+        if RAGGED_KEYS or IS_CAUSAL:
+            visible = offs_n[None, :] < SEQ_K
+            if IS_CAUSAL:  # top-left aligned: key j is visible to query i iff j <= i
+                visible = visible & (offs_n[None, :] <= offs_m[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+        tile_max = tl.max(scores, 1)
+        # A row can be wholly masked in this tile; its stats are never read, but keep it NaN-free.
+        probs = tl.math.exp2(scores - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
+        PADDED_K: tl.constexpr = NUM_TILES * TILE_N
+        probs_ptrs = (probs_ptr + batch_head * SEQ_Q * PADDED_K
+                      + offs_m[:, None] * PADDED_K + offs_n[None, :])
+        store_tile(probs_ptrs, probs.to(probs_ptr.dtype.element_ty), offs_m, offs_n,
+                   SEQ_Q, PADDED_K, RAGGED_ROWS, False)
+        stats_offset = (batch_head * NUM_TILES + tile_n) * SEQ_Q + offs_m
+        tl.store(tile_max_ptr + stats_offset, tile_max, mask=offs_m < SEQ_Q)
+        tl.store(tile_sum_ptr + stats_offset, tl.sum(probs, 1), mask=offs_m < SEQ_Q)
+
+
+@triton.jit
+def _tile_stats(tile_max_ptrs, tile_sum_ptrs, tile, offs_m, SEQ_Q: tl.constexpr,
+                TILE_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Row max and row sum of one score tile; (-inf, 0) where the first launch wrote none."""
+    mask = offs_m < SEQ_Q
+    if IS_CAUSAL:
+        mask = mask & (tile * TILE_N <= offs_m)
+    tile_max = tl.load(tile_max_ptrs + tile * SEQ_Q, mask=mask, other=float("-inf"))
+    tile_sum = tl.load(tile_sum_ptrs + tile * SEQ_Q, mask=mask, other=0.0)
+    return tile_max, tile_sum
+
+
+@triton.jit
+def _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max, start_n,
+                       offs_m, offs_n, offs_d,
+                       SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       STRIDE_VS: tl.constexpr, TILE_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       DIAGONAL: tl.constexpr, RAGGED_ROWS: tl.constexpr,
+                       RAGGED_KEYS: tl.constexpr, RAGGED_DIM: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """acc += (exp(m_t - m) * P[:, start_n:+BLOCK_N]) . V[start_n:+BLOCK_N, d-chunk].
+
+    DIAGONAL: a causal block that crosses the diagonal. Its entries above the diagonal
+    may lie in tiles the first launch skipped (unwritten memory), so they are dropped
+    with a select after an ordinary load. (A 2-D masked load here, feeding the dot,
+    raced on the H100 with Triton 3.6 at BLOCK_D=256: WORKSPACE_NOTES.md, v1.)
+    RAGGED_KEYS: the block crosses SEQ_K.
+    """
+    cols = start_n + offs_n
+    tile_max, _ = _tile_stats(tile_max_ptrs, tile_sum_ptrs, start_n // TILE_N, offs_m, SEQ_Q,
+                              TILE_N, IS_CAUSAL)
+    probs = load_tile(probs_ptrs + start_n, offs_m, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, False)
+    # Rescale in fp32, one rounding back to the input dtype.
+    probs = probs.to(tl.float32) * tl.math.exp2(tile_max - row_max)[:, None]
+    if DIAGONAL:
+        probs = tl.where(cols[None, :] <= offs_m[:, None], probs, 0.0)
+    v = load_tile(v_ptrs + start_n * STRIDE_VS, cols, offs_d, SEQ_K, HEAD_DIM,
+                  RAGGED_KEYS, RAGGED_DIM)
+    return tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _weighted_values_kernel(
+    probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr,
+    IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
+    STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grid = (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+
+    BLOCK_N divides TILE_N and BLOCK_M is a multiple of BLOCK_N.
+    """
+    NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
+    PADDED_K: tl.constexpr = NUM_TILES * TILE_N
+    start_d = tl.program_id(0) * BLOCK_D
+    start_m = tl.program_id(1) * BLOCK_M
+    batch_head = tl.program_id(2)
+    batch = batch_head // NUM_HEADS
+    head = batch_head % NUM_HEADS
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = start_d + tl.arange(0, BLOCK_D)
+    end = min(SEQ_K, start_m + BLOCK_M) if IS_CAUSAL else SEQ_K
+
+    # Merge the per-tile statistics: m = max_t m_t, l = sum_t l_t * exp(m_t - m).
+    tile_max_ptrs = tile_max_ptr + batch_head * NUM_TILES * SEQ_Q + offs_m
+    tile_sum_ptrs = tile_sum_ptr + batch_head * NUM_TILES * SEQ_Q + offs_m
+    num_tiles = (end + TILE_N - 1) // TILE_N
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for tile in range(0, num_tiles):
+        tile_max, _ = _tile_stats(tile_max_ptrs, tile_sum_ptrs, tile, offs_m, SEQ_Q, TILE_N,
+                                  IS_CAUSAL)
+        row_max = tl.maximum(row_max, tile_max)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # rows past SEQ_Q
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    for tile in range(0, num_tiles):
+        tile_max, tile_sum = _tile_stats(tile_max_ptrs, tile_sum_ptrs, tile, offs_m, SEQ_Q,
+                                         TILE_N, IS_CAUSAL)
+        row_sum += tile_sum * tl.math.exp2(tile_max - row_max)
+
+    probs_ptrs = probs_ptr + batch_head * SEQ_Q * PADDED_K + offs_m[:, None] * PADDED_K + offs_n[None, :]
+    v_ptrs = (v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH
+              + offs_n[:, None] * STRIDE_VS + offs_d[None, :])
+    RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
+    RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
+    # Unmasked blocks first; then the causal diagonal and the ragged tail of the keys.
+    unmasked_end = (SEQ_K // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        unmasked_end = min(unmasked_end, start_m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max,
+                                 start_n, offs_m, offs_n, offs_d, SEQ_Q, SEQ_K, HEAD_DIM,
+                                 STRIDE_VS, TILE_N, IS_CAUSAL, False, RAGGED_ROWS, False,
+                                 RAGGED_DIM, DOT_PRECISION)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max,
+                                 start_n, offs_m, offs_n, offs_d, SEQ_Q, SEQ_K, HEAD_DIM,
+                                 STRIDE_VS, TILE_N, IS_CAUSAL, IS_CAUSAL, RAGGED_ROWS,
+                                 SEQ_K % BLOCK_N != 0, RAGGED_DIM, DOT_PRECISION)
+
+    acc = acc / row_sum[:, None]
+    out_ptrs = (out_ptr + batch * STRIDE_OB + head * STRIDE_OH
+                + offs_m[:, None] * STRIDE_OS + offs_d[None, :])
+    store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q, HEAD_DIM,
+               RAGGED_ROWS, RAGGED_DIM)
+    if tl.program_id(0) == 0:
+        lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2)
+        tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)

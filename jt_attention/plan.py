@@ -1,0 +1,141 @@
+"""What the forward pass launches for a given problem: kernels, buffers, constexprs, grids.
+
+The plan is data, so the jax-triton launcher (`launch.py`), the CPU interpreter
+(`interpret.py`) and the compile-only test all run exactly the same launches.
+"""
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import triton
+
+from jt_attention import tuning
+from jt_attention.kernels import flash_forward, two_pass_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Static description of one attention call. Arrays are [B, S, H, D] (or [B, H, S, D])."""
+    batch: int
+    seq_q: int
+    seq_k: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+    scale: float
+    is_causal: bool
+    heads_major: bool = False  # True for the [B, H, S, D] layout
+
+    @property
+    def itemsize(self):
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def block_d(self):
+        return max(16, triton.next_power_of_2(self.head_dim))
+
+    @property
+    def uses_flash_kernel(self):
+        return self.block_d <= tuning.FLASH_MAX_BLOCK_D[self.itemsize]
+
+    @property
+    def dot_precision(self):
+        # fp32 inputs keep fp32 accuracy (about 1e-6) through 3xTF32 instead of 1xTF32.
+        return "tf32x3" if np.dtype(self.dtype) == np.float32 else "tf32"
+
+    def strides(self, seq, heads):
+        """(batch, seq, head) strides in elements; the head dim is contiguous."""
+        d = self.head_dim
+        if self.heads_major:
+            return heads * seq * d, d, seq * d
+        return seq * heads * d, heads * d, d
+
+    def flops(self):
+        """Forward matmul FLOPs, halved for causal (as the peers count them)."""
+        full = 4 * self.batch * self.num_heads * self.seq_q * self.seq_k * self.head_dim
+        return full / 2 if self.is_causal else full
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    name: str
+    shape: tuple
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: reads `inputs` (buffer names), writes `outputs`."""
+    kernel: triton.JITFunction
+    inputs: tuple
+    outputs: tuple  # of Buffer
+    grid: Callable[[dict], tuple]  # metaparams (with the config's blocks) -> grid
+    metaparams: dict
+
+
+def _common_constexprs(p):
+    return dict(IS_CAUSAL=p.is_causal, SEQ_Q=p.seq_q, SEQ_K=p.seq_k, NUM_HEADS=p.num_heads,
+                KV_GROUP=p.num_heads // p.num_kv_heads, HEAD_DIM=p.head_dim,
+                DOT_PRECISION=p.dot_precision)
+
+
+def _stride_constexprs(p, prefix, seq, heads):
+    b, s, h = p.strides(seq, heads)
+    return {f"STRIDE_{prefix}B": b, f"STRIDE_{prefix}S": s, f"STRIDE_{prefix}H": h}
+
+
+def _output_buffers(p):
+    out = Buffer("out", _layout_shape(p, p.seq_q, p.num_heads), np.dtype(p.dtype))
+    lse = Buffer("lse", (p.batch, p.num_heads, p.seq_q), np.dtype(np.float32))
+    return out, lse
+
+
+def _layout_shape(p, seq, heads):
+    if p.heads_major:
+        return (p.batch, heads, seq, p.head_dim)
+    return (p.batch, seq, heads, p.head_dim)
+
+
+def _flash_plan(p):
+    metaparams = dict(SCALE=p.scale, BLOCK_D=p.block_d, **_common_constexprs(p),
+                      **_stride_constexprs(p, "Q", p.seq_q, p.num_heads),
+                      **_stride_constexprs(p, "K", p.seq_k, p.num_kv_heads),
+                      **_stride_constexprs(p, "V", p.seq_k, p.num_kv_heads),
+                      **_stride_constexprs(p, "O", p.seq_q, p.num_heads))
+    grid = lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
+    return [Launch(flash_forward._flash_forward_kernel, ("q", "k", "v"), _output_buffers(p),
+                   grid, metaparams)]
+
+
+def _two_pass_plan(p, tile_n):
+    num_tiles = triton.cdiv(p.seq_k, tile_n)
+    batch_heads = p.batch * p.num_heads
+    stats_shape = (batch_heads, num_tiles, p.seq_q)
+    scores = Launch(
+        two_pass_forward._score_tiles_kernel, ("q", "k"),
+        (Buffer("probs", (batch_heads, p.seq_q, num_tiles * tile_n), np.dtype(p.dtype)),
+         Buffer("tile_max", stats_shape, np.dtype(np.float32)),
+         Buffer("tile_sum", stats_shape, np.dtype(np.float32))),
+        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]) * num_tiles, batch_heads),
+        dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
+             **_stride_constexprs(p, "Q", p.seq_q, p.num_heads),
+             **_stride_constexprs(p, "K", p.seq_k, p.num_kv_heads)))
+    values_constexprs = _common_constexprs(p)
+    values = Launch(
+        two_pass_forward._weighted_values_kernel, ("probs", "tile_max", "tile_sum", "v"),
+        _output_buffers(p),
+        lambda meta: (triton.cdiv(p.head_dim, meta["BLOCK_D"]),
+                      triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
+        dict(TILE_N=tile_n, **values_constexprs,
+             **_stride_constexprs(p, "V", p.seq_k, p.num_kv_heads),
+             **_stride_constexprs(p, "O", p.seq_q, p.num_heads)))
+    return [scores, values]
+
+
+def forward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
+    """The launches of the forward pass; the last one writes `out` and `lse`."""
+    if p.uses_flash_kernel:
+        return _flash_plan(p)
+    return _two_pass_plan(p, score_tile_n)

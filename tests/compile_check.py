@@ -1,0 +1,65 @@
+"""Compiles every shipped config of every kernel for a GPU target, without a GPU.
+
+Run as a script (tests/test_compile.py does, in a process without TRITON_INTERPRET):
+prints one JSON line per compile with the compiler's shared memory, the estimate
+that tuning.py prunes by, and the device limit.
+"""
+
+import json
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from jt_attention import plan, tuning
+
+TARGETS = {"8.9": 89, "9.0": 90}
+POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
+# (dtype, head_dim, causal): each kernel, each dtype, both sides of the dispatch boundary.
+PROBLEMS = [("float16", 64, True), ("bfloat16", 256, False), ("float32", 64, True),
+            ("float16", 1024, True), ("bfloat16", 520, False), ("float32", 72, False)]
+
+
+def compile_launch(launch, buffer_dtypes, config, compute_capability):
+    names = list(launch.inputs) + [b.name for b in launch.outputs]
+    constexprs = {**launch.metaparams, **config.kwargs}
+    signature, attrs = {}, {}
+    for i, arg in enumerate(launch.kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        else:  # pointers, 16-byte aligned as jax-triton declares them
+            signature[arg] = POINTER_TYPES[np.dtype(buffer_dtypes[names[i]]).name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", TARGETS[compute_capability], 32),
+                          options={"num_warps": config.num_warps,
+                                   "num_stages": config.num_stages})
+
+
+def main():
+    for dtype, head_dim, causal in PROBLEMS:
+        problem = plan.Problem(2, 300, 257, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
+        launches = plan.forward_plan(problem)
+        buffer_dtypes = {"q": problem.dtype, "k": problem.dtype, "v": problem.dtype}
+        buffer_dtypes.update((b.name, b.dtype) for l in launches for b in l.outputs)
+        for cc in TARGETS:
+            for launch in launches:
+                _, estimate = tuning.KERNEL_TUNING[launch.kernel]
+                for config in tuning.fitting_configs(launch.kernel, cc, problem.itemsize,
+                                                     problem.block_d):
+                    compiled = compile_launch(launch, buffer_dtypes, config, cc)
+                    print(json.dumps(dict(
+                        kernel=launch.kernel.fn.__name__, dtype=dtype, head_dim=head_dim,
+                        target=cc, config=str(config), shared=compiled.metadata.shared,
+                        estimate=estimate(config, problem.block_d, problem.itemsize),
+                        limit=tuning.shared_memory_limit(cc),
+                        tensor_cores=("wgmma" if "wgmma" in compiled.asm["ptx"] else
+                                      "mma" if "mma.sync" in compiled.asm["ptx"] else "none"))),
+                          flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

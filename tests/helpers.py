@@ -1,0 +1,46 @@
+"""Float64 reference and input helpers for the tests."""
+
+import jax.numpy as jnp
+import numpy as np
+import triton
+
+# ||out - ref|| / ||ref|| bounds: about 5x the errors measured (GUIDE.md 5).
+TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
+DTYPES = {"float16": np.float16, "bfloat16": jnp.dtype("bfloat16"), "float32": np.float32}
+
+
+def kernel_implementation():
+    """'interpret' on CPU machines (conftest turns the interpreter on), else 'triton'."""
+    return "interpret" if triton.knobs.runtime.interpret else "triton"
+
+
+def random_inputs(batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype):
+    """Fresh random q, k, v (a new seed per call); returns them and the seed."""
+    seed = np.random.SeedSequence().entropy % 2**32
+    rng = np.random.default_rng(seed)
+    shapes = [(batch, seq_q, num_heads, head_dim), (batch, seq_k, num_kv_heads, head_dim),
+              (batch, seq_k, num_kv_heads, head_dim)]
+    return [rng.standard_normal(s).astype(DTYPES[dtype]) for s in shapes], seed
+
+
+def attention_float64(q, k, v, scale, is_causal):
+    """[B, T, N, H] inputs -> (out [B, T, N, H], lse [B, T, N]) in float64."""
+    group = q.shape[2] // k.shape[2]
+    q = q.astype(np.float64)
+    k = np.repeat(k.astype(np.float64), group, axis=2)
+    v = np.repeat(v.astype(np.float64), group, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k, optimize=True) * scale
+    if is_causal:
+        logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
+    row_max = logits.max(-1, keepdims=True)
+    probs = np.exp(logits - row_max)
+    row_sum = probs.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", probs / row_sum, v, optimize=True)
+    lse = (np.log(row_sum) + row_max)[..., 0].transpose(0, 2, 1)
+    return out, lse
+
+
+def relative_error(out, ref):
+    out = np.asarray(out).astype(np.float64)
+    assert np.isfinite(out).all(), "output has NaN or Inf"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))

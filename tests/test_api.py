@@ -1,0 +1,111 @@
+"""Validation, dispatch and the XLA reference path."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jt_attention
+from helpers import TOLERANCE, attention_float64, random_inputs, relative_error
+
+
+def _inputs(q_shape=(2, 8, 4, 64), kv_shape=(2, 12, 4, 64), dtype=np.float16):
+    rng = np.random.default_rng()
+    return (rng.standard_normal(q_shape).astype(dtype), rng.standard_normal(kv_shape).astype(dtype),
+            rng.standard_normal(kv_shape).astype(dtype))
+
+
+@pytest.mark.parametrize("name,q_shape,kv_shape,v_shape,match", [
+    ("rank", (8, 64), (12, 64), (12, 64), "4-D"),
+    ("mixed rank", (2, 8, 4, 64), (12, 4, 64), (12, 4, 64), "4-D"),
+    ("key/value shapes", (2, 8, 4, 64), (2, 12, 4, 64), (2, 13, 4, 64), "same shape"),
+    ("batch", (3, 8, 4, 64), (2, 12, 4, 64), (2, 12, 4, 64), "batch"),
+    ("head dim mismatch", (2, 8, 4, 64), (2, 12, 4, 32), (2, 12, 4, 32), "head_dim"),
+    ("heads not a multiple", (2, 8, 5, 64), (2, 12, 2, 64), (2, 12, 2, 64), "multiple"),
+    ("head dim too small", (2, 8, 4, 8), (2, 12, 4, 8), (2, 12, 4, 8), "head_dim=8"),
+    ("head dim too large", (1, 2, 1, 1040), (1, 2, 1, 1040), (1, 2, 1, 1040), "head_dim=1040"),
+    ("empty sequence", (2, 0, 4, 64), (2, 12, 4, 64), (2, 12, 4, 64), ">= 1"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_shapes_raise_value_error(name, q_shape, kv_shape, v_shape, match):
+    rng = np.random.default_rng()
+    q, k, v = (rng.standard_normal(s).astype(np.float16) for s in (q_shape, kv_shape, v_shape))
+    with pytest.raises(ValueError, match=match):
+        jt_attention.dot_product_attention(q, k, v, implementation="xla")
+
+
+def test_bad_dtypes_raise_type_error():
+    q, k, v = _inputs()
+    with pytest.raises(TypeError, match="share a dtype"):
+        jt_attention.dot_product_attention(q, k.astype(np.float32), v)
+    with pytest.raises(TypeError, match="float64"):
+        jt_attention.dot_product_attention(*(x.astype(np.float64) for x in (q, k, v)))
+    with pytest.raises(TypeError, match="int32"):
+        jt_attention.dot_product_attention(*(x.astype(np.int32) for x in (q, k, v)))
+
+
+def test_non_array_input_raises_type_error():
+    q, k, v = _inputs()
+    with pytest.raises(TypeError, match="query must be a jax.Array"):
+        jt_attention.dot_product_attention(q.tolist(), k, v)
+    with pytest.raises(TypeError, match="value must be a jax.Array"):
+        jt_attention.dot_product_attention(q, k, None)
+
+
+def test_bad_options_raise():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="implementation='cuda'"):
+        jt_attention.dot_product_attention(q, k, v, implementation="cuda")
+    with pytest.raises(TypeError, match="scale"):
+        jt_attention.dot_product_attention(q, k, v, scale="0.1")
+    with pytest.raises(TypeError, match="is_causal"):
+        jt_attention.dot_product_attention(q, k, v, is_causal="yes")
+
+
+@pytest.mark.parametrize("argument", ["bias", "mask", "query_seq_lengths",
+                                      "key_value_seq_lengths", "local_window_size"])
+def test_later_features_raise_not_implemented(argument):
+    q, k, v = _inputs()
+    with pytest.raises(NotImplementedError, match=argument):
+        jt_attention.dot_product_attention(q, k, v, **{argument: np.ones((2,), np.int32)})
+
+
+def test_heads_major_entry_validates():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match=r"\[batch, num_heads, seq, head_dim\]"):
+        jt_attention.scaled_dot_product_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="head_dim"):
+        jt_attention.scaled_dot_product_attention(q, k[..., :32], v[..., :32])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_reference_matches_float64(dtype, causal):
+    (q, k, v), seed = random_inputs(2, 33, 47, 4, 2, 80, dtype)
+    out, lse = jt_attention.dot_product_attention(q, k, v, is_causal=causal, implementation="xla",
+                                                  return_residual=True)
+    ref, ref_lse = attention_float64(q, k, v, 1 / np.sqrt(80), causal)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"{seed=}"
+    np.testing.assert_allclose(np.asarray(lse, np.float64), ref_lse, rtol=2 * TOLERANCE[dtype],
+                               atol=1e-3)
+
+
+def test_default_implementation_without_gpu_is_xla_and_logged(caplog):
+    if any(getattr(d, "compute_capability", None) for d in jax.devices()):
+        pytest.skip("this machine has a CUDA GPU: the default is the Triton kernels")
+    q, k, v = _inputs()
+    jt_attention.attention._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="jt_attention"):
+        out = jt_attention.dot_product_attention(q, k, v)
+    assert "XLA reference" in caplog.text
+    expected = jt_attention.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_matches_jax_nn_signature_and_output():
+    (q, k, v), _ = random_inputs(2, 16, 16, 4, 2, 32, "float32")
+    ours = jt_attention.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    theirs = jax.nn.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                          is_causal=True, implementation="xla")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)

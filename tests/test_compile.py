@@ -1,0 +1,73 @@
+"""Every shipped autotune config compiles for sm_89 (RTX 4090) and sm_90 (H100), no GPU needed.
+
+Checks the compiler's shared memory against the device limit and against the
+estimate that tuning.py prunes configs by (the estimate must never undercount).
+"""
+
+import collections
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jt_attention import plan, tuning
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile real kernels, not interpreted ones
+    script = pathlib.Path(__file__).with_name("compile_check.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_kernel_and_target_compiles(compiled):
+    kernels = {name for name in ("_flash_forward_kernel", "_score_tiles_kernel",
+                                 "_weighted_values_kernel")}
+    seen = collections.Counter((row["kernel"], row["target"]) for row in compiled)
+    assert {k for k, _ in seen} == kernels
+    assert {t for _, t in seen} == {"8.9", "9.0"}
+
+
+@pytest.mark.parametrize("target", ["8.9", "9.0"])
+def test_shared_memory_fits_and_estimate_is_an_upper_bound(compiled, target):
+    rows = [row for row in compiled if row["target"] == target]
+    assert rows
+    for row in rows:
+        assert row["shared"] <= row["limit"], row
+        assert row["shared"] <= row["estimate"], row
+
+
+def test_tensor_cores_used(compiled):
+    for row in compiled:
+        expected = "wgmma" if row["target"] == "9.0" else "mma"
+        assert row["tensor_cores"] == expected, row
+
+
+@pytest.mark.parametrize("compute_capability", ["8.9", "9.0"])
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256, 512, 1024])
+def test_every_problem_keeps_a_config(compute_capability, itemsize, head_dim):
+    problem = plan.Problem(1, 100, 100, 2, 2, head_dim, {2: "float16", 4: "float32"}[itemsize],
+                           0.1, False)
+    for launch in plan.forward_plan(problem):
+        assert tuning.fitting_configs(launch.kernel, compute_capability, itemsize,
+                                      problem.block_d)
+
+
+def test_every_config_is_kept_somewhere():
+    """No dead config: each fits at least one supported device for some problem."""
+    for kernel, (configs, _) in tuning.KERNEL_TUNING.items():
+        kept = set()
+        for cc, itemsize in [(cc, i) for cc in ("8.9", "9.0") for i in (2, 4)]:
+            for block_d in (16, 64, 128, 256, 1024):
+                problem_fits = (block_d <= tuning.FLASH_MAX_BLOCK_D[itemsize]) == (
+                    kernel is plan.flash_forward._flash_forward_kernel)
+                if problem_fits:
+                    kept.update(map(str, tuning.fitting_configs(kernel, cc, itemsize, block_d)))
+        assert kept == set(map(str, configs)), kernel.fn.__name__
