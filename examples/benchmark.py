@@ -106,8 +106,11 @@ def _torch_bmm(q, k, v, problem):
 def _time(call, finish):
     """Median ms per call over FLAGS.repeats repeats of back-to-back calls.
 
-    finish(out) waits for the device; the first call (compile, autotune) is not timed."""
+    finish(out) waits for the device. The first call (trace, compile, autotune) is timed
+    apart and returned as first_call_s."""
+    start = time.perf_counter()
     finish(call())
+    first_call_s = time.perf_counter() - start
     start = time.perf_counter()
     finish(call())
     once = max(time.perf_counter() - start, 1e-6)
@@ -119,7 +122,7 @@ def _time(call, finish):
             out = call()
         finish(out)
         times.append((time.perf_counter() - start) / calls * 1e3)
-    return float(np.median(times)), out
+    return float(np.median(times)), out, first_call_s
 
 
 def _relative_error(out, ref):
@@ -146,14 +149,14 @@ def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, caus
         try:
             if name == "torch_bmm":
                 run, finish, to_numpy = _torch_bmm(q, k, v, problem)
-                ms, out = _time(run, finish)
+                ms, out, first_call_s = _time(run, finish)
                 out = to_numpy(out)
             else:
                 fn = jax.jit(jax_impls[name])
-                ms, out = _time(lambda: fn(q, k, v), jax.block_until_ready)
+                ms, out, first_call_s = _time(lambda: fn(q, k, v), jax.block_until_ready)
             err = _relative_error(out, ref)
             row.update(ms=ms, tflops=problem.flops() / ms / 1e9, rel_err=err,
-                       ok=bool(np.isfinite(err)))
+                       ok=bool(np.isfinite(err)), first_call_s=first_call_s)
         except Exception as e:  # recorded, not raised: one failing peer must not stop the run
             row.update(ms=float("nan"), tflops=float("nan"), rel_err=float("nan"), ok=False,
                        reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -169,7 +172,8 @@ def _shape_label(row):
 
 def _format(row):
     text = (f"{_shape_label(row):<46} {row['impl']:<10} {row['ms']:9.3f} ms "
-            f"{row['tflops']:7.1f} TFLOP/s err {row['rel_err']:.1e}")
+            f"{row['tflops']:7.1f} TFLOP/s err {row['rel_err']:.1e} "
+            f"first call {row.get('first_call_s', float('nan')):5.1f} s")
     return text + (f"  [{row['reason']}]" if "reason" in row else "")
 
 

@@ -119,15 +119,25 @@ def test_gpu_block_sizes_in_interpreter(head_dim, causal):
         assert relative_error(out, ref) < TOLERANCE["float16"], f"{seed=} {blocks=}"
 
 
+# (head_dim, dtype, causal, seq_q, seq_k): every kernel, dtype and mask on the GPU, at
+# ragged lengths longer than the interpreter can afford. Each case compiles and autotunes.
+GPU_SWEEP = [
+    (64, "float16", True, 777, 1537), (96, "bfloat16", False, 1000, 1000),
+    (128, "float16", False, 1, 4099), (200, "float16", True, 1537, 777),
+    (256, "bfloat16", True, 1000, 1000), (64, "float32", False, 777, 1537),
+    (320, "float16", True, 777, 1537), (512, "bfloat16", False, 1537, 777),
+    (1024, "float16", True, 1000, 1000), (1024, "bfloat16", False, 1, 4099),
+    (72, "float32", True, 1000, 1000), (640, "float32", False, 777, 1537),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(IMPL != "triton", reason="the slow sweep needs a CUDA GPU")
-@pytest.mark.parametrize("head_dim", [64, 96, 128, 200, 256, 320, 512, 1024])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sweep_on_gpu(head_dim, dtype, causal):
-    """Longer, ragged sequences and GQA: every kernel config the autotuner may pick."""
-    for seq_q, seq_k in [(1000, 1000), (777, 1537), (1, 4099)]:
-        (q, k, v), seed = random_inputs(2, seq_q, seq_k, 4, 2, head_dim, dtype)
-        out = jt_attention.dot_product_attention(q, k, v, is_causal=causal, implementation=IMPL)
-        ref, _ = attention_float64(q, k, v, 1 / np.sqrt(head_dim), causal)
-        assert relative_error(out, ref) < TOLERANCE[dtype], f"{seed=} {seq_q=} {seq_k=}"
+@pytest.mark.parametrize("head_dim,dtype,causal,seq_q,seq_k", GPU_SWEEP,
+                         ids=lambda x: str(x))
+def test_sweep_on_gpu(head_dim, dtype, causal, seq_q, seq_k):
+    """Longer, ragged sequences with GQA, through the autotuned kernels."""
+    (q, k, v), seed = random_inputs(2, seq_q, seq_k, 4, 2, head_dim, dtype)
+    out = jt_attention.dot_product_attention(q, k, v, is_causal=causal, implementation=IMPL)
+    ref, _ = attention_float64(q, k, v, 1 / np.sqrt(head_dim), causal)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"{seed=}"

@@ -10,7 +10,7 @@ its FLOPs. Instead (GUIDE.md section 4):
 2. `_weighted_values_kernel`, one program per (BLOCK_M rows, BLOCK_D output columns):
    merges the tile statistics into the row max m and sum l, then accumulates
    sum_t (exp(m_t - m) * P_t) . V_t and divides by l. Rescaling is one multiply per
-   element (in fp32): no exp per element, and no division until the end.
+   element: no exp per element, and no division until the end.
 
 The D-chunks of one row block are adjacent in the grid, so their re-reads of P come
 from L2. Scores are in base 2, as in the flash kernel.
@@ -118,8 +118,11 @@ def _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, ro
     tile_max, _ = _tile_stats(tile_max_ptrs, tile_sum_ptrs, start_n // TILE_N, offs_m, SEQ_Q,
                               TILE_N, IS_CAUSAL)
     probs = load_tile(probs_ptrs + start_n, offs_m, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, False)
-    # Rescale in fp32, one rounding back to the input dtype.
-    probs = probs.to(tl.float32) * tl.math.exp2(tile_max - row_max)[:, None]
+    weight = tl.math.exp2(tile_max - row_max)[:, None]
+    if probs.dtype.is_fp16():  # packed fp16 multiplies: 2-9% faster than via fp32 on the H100
+        probs = probs * weight.to(tl.float16)
+    else:  # bf16 keeps one rounding (8-bit mantissa); the interpreter also has no bf16 math
+        probs = probs.to(tl.float32) * weight
     if DIAGONAL:
         probs = tl.where(cols[None, :] <= offs_m[:, None], probs, 0.0)
     v = load_tile(v_ptrs + start_n * STRIDE_VS, cols, offs_d, SEQ_K, HEAD_DIM,
