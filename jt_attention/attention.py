@@ -40,9 +40,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         [batch, q_len, num_heads] in the input dtype, as jax.nn does.
 
     Supported: float16, bfloat16 and float32 (query, key and value alike); head_dim
-    16 to 1024 (kernels: flash online softmax up to 256 (128 for float32), two-pass
-    score tiles above); any q_len and kv_len >= 1. Gradients (jax.grad) are computed
-    by the XLA reference for now, not by Triton kernels.
+    16 to 1024 (kernels: a flash online-softmax kernel up to 256, 64 for float32;
+    above, two launches that write the probabilities once, O(B*N*T*S) extra memory);
+    any q_len and kv_len >= 1. Gradients (jax.grad) are computed by the XLA
+    reference for now, not by Triton kernels.
     """
     _reject_unsupported(bias=bias, mask=mask, query_seq_lengths=query_seq_lengths,
                         key_value_seq_lengths=key_value_seq_lengths,

@@ -6,6 +6,7 @@ with the grid computed from the winning config's block sizes.
 """
 
 import functools
+import inspect
 
 import jax
 
@@ -18,6 +19,12 @@ def compute_capability():
     return jax.devices("gpu")[0].compute_capability
 
 
+@functools.cache
+def _out_keyword(triton_call):
+    """jax-triton 0.4 renamed out_shape= to out_type= (0.3.1 knows only out_shape=)."""
+    return "out_type" if "out_type" in inspect.signature(triton_call).parameters else "out_shape"
+
+
 def triton_forward(q, k, v, problem):
     """(out, lse [B, H, Sq] fp32) on the GPU; traceable, no host synchronisation."""
     import jax_triton
@@ -26,11 +33,12 @@ def triton_forward(q, k, v, problem):
     for launch in forward_plan(problem):
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.itemsize,
                                   problem.block_d)
+        out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]
         outputs = jax_triton.triton_call(
             *(buffers[name] for name in launch.inputs),
             kernel=kernel,
-            out_shape=[jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs],
             grid=launch.grid,
+            **{_out_keyword(jax_triton.triton_call): out_types},
             **launch.metaparams)
         buffers.update(zip((b.name for b in launch.outputs), outputs))
     return buffers["out"], buffers["lse"]

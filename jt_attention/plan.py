@@ -81,9 +81,14 @@ def _common_constexprs(p):
                 DOT_PRECISION=p.dot_precision)
 
 
-def _stride_constexprs(p, prefix, seq, heads):
-    b, s, h = p.strides(seq, heads)
-    return {f"STRIDE_{prefix}B": b, f"STRIDE_{prefix}S": s, f"STRIDE_{prefix}H": h}
+def _stride_constexprs(p, *tensors):
+    """STRIDE_{X}B/S/H for each tensor X of "QKVO"; Q and O are query-shaped."""
+    strides = {}
+    for x in tensors:
+        seq, heads = (p.seq_q, p.num_heads) if x in "QO" else (p.seq_k, p.num_kv_heads)
+        strides.update(zip((f"STRIDE_{x}B", f"STRIDE_{x}S", f"STRIDE_{x}H"),
+                           p.strides(seq, heads)))
+    return strides
 
 
 def _output_buffers(p):
@@ -100,10 +105,7 @@ def _layout_shape(p, seq, heads):
 
 def _flash_plan(p):
     metaparams = dict(SCALE=p.scale, BLOCK_D=p.block_d, **_common_constexprs(p),
-                      **_stride_constexprs(p, "Q", p.seq_q, p.num_heads),
-                      **_stride_constexprs(p, "K", p.seq_k, p.num_kv_heads),
-                      **_stride_constexprs(p, "V", p.seq_k, p.num_kv_heads),
-                      **_stride_constexprs(p, "O", p.seq_q, p.num_heads))
+                      **_stride_constexprs(p, "Q", "K", "V", "O"))
     grid = lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
     return [Launch(flash_forward._flash_forward_kernel, ("q", "k", "v"), _output_buffers(p),
                    grid, metaparams)]
@@ -120,17 +122,13 @@ def _two_pass_plan(p, tile_n):
          Buffer("tile_sum", stats_shape, np.dtype(np.float32))),
         lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]) * num_tiles, batch_heads),
         dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
-             **_stride_constexprs(p, "Q", p.seq_q, p.num_heads),
-             **_stride_constexprs(p, "K", p.seq_k, p.num_kv_heads)))
-    values_constexprs = _common_constexprs(p)
+             **_stride_constexprs(p, "Q", "K")))
     values = Launch(
         two_pass_forward._weighted_values_kernel, ("probs", "tile_max", "tile_sum", "v"),
         _output_buffers(p),
         lambda meta: (triton.cdiv(p.head_dim, meta["BLOCK_D"]),
                       triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
-        dict(TILE_N=tile_n, **values_constexprs,
-             **_stride_constexprs(p, "V", p.seq_k, p.num_kv_heads),
-             **_stride_constexprs(p, "O", p.seq_q, p.num_heads)))
+        dict(TILE_N=tile_n, **_common_constexprs(p), **_stride_constexprs(p, "V", "O")))
     return [scores, values]
 
 

@@ -19,10 +19,10 @@ def test_multi_head_attention_matches_flax_default():
 
     params = module().init(jax.random.key(0), x)
     causal = flax_linen.make_causal_mask(np.ones((2, 19)))
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision("highest"):  # the Dense projections too, on GPUs
         expected = module().apply(params, x, mask=causal)
-    got = module(make_attention_fn(is_causal=True, implementation=kernel_implementation())
-                 ).apply(params, x)
+        got = module(make_attention_fn(is_causal=True, implementation=kernel_implementation())
+                     ).apply(params, x)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
