@@ -133,8 +133,8 @@ def _validated_problem(query, key, value, scale, is_causal, heads_major):
 
 
 @functools.cache
-def _log_once(message):
-    logger.info(message)
+def _log_once(message, level=logging.INFO):
+    logger.log(level, message)
 
 
 def _resolve(implementation):
@@ -144,7 +144,7 @@ def _resolve(implementation):
         return implementation
     if getattr(jax.devices()[0], "compute_capability", None) is None:
         _log_once("jt_attention: no CUDA GPU, so implementation=None runs the XLA reference "
-                  "(pure jnp), not the Triton kernels")
+                  "(pure jnp), not the Triton kernels", logging.WARNING)
         return "xla"
     _log_once("jt_attention: implementation=None runs the Triton kernels on the CUDA GPU")
     return "triton"
@@ -181,7 +181,7 @@ def _kernel_attention_fwd(query, key, value, problem, implementation):
 def _kernel_attention_bwd(problem, implementation, residuals, cotangents):
     # No Triton backward kernels yet: the gradient recomputes attention in XLA.
     _log_once("jt_attention: the backward pass runs through the XLA reference, "
-              "not Triton kernels")
+              "not Triton kernels", logging.WARNING)
     out_cotangent, _ = cotangents  # the logsumexp is a stop-gradient residual, as in jax.nn
     _, vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, problem)[0], *residuals)
     return vjp(out_cotangent)
