@@ -9,8 +9,6 @@ jax-triton benchmarks the kept configs at the first execution of each jit loweri
 and keeps the fastest (GUIDE.md 3c); the autotune `key` plays no part there.
 """
 
-import functools
-
 import triton
 
 from jt_attention.kernels import flash_forward, two_pass_forward
@@ -112,8 +110,11 @@ def fitting_configs(kernel, compute_capability, itemsize, block_d):
     return kept
 
 
-@functools.cache
 def autotuned(kernel, compute_capability, itemsize, block_d):
-    """`kernel` wrapped in `triton.autotune` over its configs that fit the device."""
+    """`kernel` wrapped in `triton.autotune` over its configs that fit the device.
+
+    A fresh wrapper per trace, on purpose: jax-triton chains a new prune hook onto the
+    Autotuner at every lowering, so a shared one would grow with every new shape.
+    Compiled kernels are cached by jax-triton per JITFunction, so nothing recompiles."""
     configs = fitting_configs(kernel, compute_capability, itemsize, block_d)
     return triton.autotune(configs=configs, key=[])(kernel)
