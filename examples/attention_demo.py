@@ -51,8 +51,7 @@ def main(argv):
     ref, _ = jt_attention.attention_reference(q, k, v, is_causal=FLAGS.causal)
     ref = np.asarray(ref, np.float64)
     error = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-    path = FLAGS.implementation or ("triton" if getattr(jax.devices()[0], "compute_capability",
-                                                         None) else "xla")
+    path = jt_attention.attention.resolve_implementation(FLAGS.implementation)
     print(f"device: {jax.devices()[0].device_kind}; path: {path}; shape {shape} {FLAGS.dtype}"
           f"{' causal' if FLAGS.causal else ''}")
     print(f"first call (trace, compile, autotune): {first_call:.2f} s; "

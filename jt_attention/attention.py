@@ -50,7 +50,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                         local_window_size=local_window_size)
     query, key, value, unbatched = _as_batched(query, key, value)
     problem = _validated_problem(query, key, value, scale, is_causal, heads_major=False)
-    out, lse = _attention(query, key, value, problem, _resolve(implementation))
+    out, lse = _attention(query, key, value, problem, resolve_implementation(implementation))
     lse = jnp.transpose(lse, (0, 2, 1)).astype(query.dtype)  # [B, T, N], as jax.nn
     if unbatched:
         out, lse = out[0], lse[0]
@@ -72,7 +72,7 @@ def scaled_dot_product_attention(query, key, value, *, scale=None, is_causal=Fal
     seq_major = [jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:3] + x.shape[1:2] + x.shape[3:],
                                       x.dtype) for x in (query, key, value)]
     problem = _validated_problem(*seq_major, scale, is_causal, heads_major=True)
-    out, _ = _attention(query, key, value, problem, _resolve(implementation))
+    out, _ = _attention(query, key, value, problem, resolve_implementation(implementation))
     return out
 
 
@@ -137,7 +137,8 @@ def _log_once(message, level=logging.INFO):
     logger.log(level, message)
 
 
-def _resolve(implementation):
+def resolve_implementation(implementation):
+    """What a call runs: `implementation` itself, or for None the machine's default (logged once)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
     if implementation is not None:

@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
-import triton
+from jt_attention.interpret import interpreter_enabled
 
 # ||out - ref|| / ||ref|| bounds: about 5x the errors measured (GUIDE.md 5).
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
@@ -11,7 +11,7 @@ DTYPES = {"float16": np.float16, "bfloat16": jnp.dtype("bfloat16"), "float32": n
 
 def kernel_implementation():
     """'interpret' on CPU machines (conftest turns the interpreter on), else 'triton'."""
-    return "interpret" if triton.knobs.runtime.interpret else "triton"
+    return "interpret" if interpreter_enabled() else "triton"
 
 
 def random_inputs(batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype):
