@@ -2,6 +2,7 @@
 
     python examples/benchmark.py --batch 32 --num_heads 32 --q_len 512 --head_dim 1024
     python examples/benchmark.py --preset issue2 --json results.json
+    python examples/benchmark.py --preset issue4 --mode fwd_bwd
 
 Implementations (--impls):
   jt          jt_attention.dot_product_attention (Triton kernels)
@@ -10,9 +11,15 @@ Implementations (--impls):
   unfused     einsum, softmax, einsum, all in the input dtype, under jit
   torch_bmm   torch baddbmm + softmax + bmm in the input dtype (cuBLAS), if torch is there
 
+--mode fwd times the forward; bwd the backward alone (jax.vjp's function, residuals
+already computed); fwd_bwd both, as a training step runs them. Backward FLOPs count
+as 2.5x the forward's.
+
 Each row gives the median ms, TFLOP/s (4*B*H*Sq*Sk*D, halved for causal) and the
-relative error against an fp32 reference. An implementation that fails is recorded
-as NaN with its reason.
+relative error against an fp32 reference (for gradients, the worst of dq, dk, dv).
+For fwd_bwd, temp_mb is XLA's count of the compiled step's scratch memory: what it
+allocates beyond its inputs (q, k, v, dout) and outputs (the gradients). An
+implementation that fails is recorded as NaN with its reason.
 """
 
 import json
@@ -37,7 +44,8 @@ flags.DEFINE_integer("head_dim", 1024, "head dim")
 flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "input dtype")
 flags.DEFINE_bool("causal", False, "causal mask (top-left aligned)")
 flags.DEFINE_list("impls", ["jt", "xla", "cudnn", "unfused", "torch_bmm"], "implementations")
-flags.DEFINE_enum("preset", None, ["issue2"], "run a list of shapes instead of one")
+flags.DEFINE_enum("preset", None, ["issue2", "issue4"], "run a list of shapes instead of one")
+flags.DEFINE_enum("mode", "fwd", ["fwd", "bwd", "fwd_bwd"], "what to time")
 flags.DEFINE_integer("repeats", 7, "timed repeats; the median is reported")
 flags.DEFINE_float("min_repeat_ms", 50.0, "each repeat runs enough calls to last this long")
 flags.DEFINE_string("json", None, "write the rows here")
@@ -53,7 +61,15 @@ PRESETS = {
         (4, 32, 2048, 2048, 512, False),
         (4, 32, 2048, 2048, 1024, False),
     ],
+    "issue4": [
+        (32, 32, 512, 512, 1024, False),
+        (16, 16, 2048, 2048, 128, False),
+        (16, 16, 2048, 2048, 128, True),
+        (8, 16, 2048, 2048, 256, False),
+        (4, 32, 2048, 2048, 512, False),
+    ],
 }
+FLOPS_PER_MODE = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # in forward FLOPs
 
 
 def _unfused(q, k, v, scale, causal):
@@ -79,8 +95,9 @@ def _jax_impls(problem):
     }
 
 
-def _torch_bmm(q, k, v, problem):
-    """cuBLAS batched GEMMs + softmax in the input dtype; returns a timed callable."""
+def _torch_bmm(q, k, v, dout, problem, mode):
+    """cuBLAS batched GEMMs + softmax in the input dtype (autograd for the backward);
+    returns (timed callable, finish, to_numpy)."""
     import torch
     from torch.utils import dlpack
 
@@ -93,14 +110,23 @@ def _torch_bmm(q, k, v, problem):
     zero = torch.zeros(1, 1, 1, dtype=tq.dtype, device=tq.device)  # broadcast, beta=0
     mask = torch.ones(t, s, dtype=torch.bool, device=tq.device).tril() if problem.is_causal else None
 
-    def run():
+    def forward(tq, tk, tv):
         scores = torch.baddbmm(zero, tq, tk.transpose(1, 2), beta=0.0, alpha=problem.scale)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.bmm(torch.softmax(scores, dim=-1), tv)
-        return out.reshape(b, n, t, h).permute(0, 2, 1, 3)
+        return torch.bmm(torch.softmax(scores, dim=-1), tv)
 
-    return run, lambda out: torch.cuda.synchronize(), lambda out: out.float().cpu().numpy()
+    to_numpy = lambda x: x.reshape(b, n, -1, h).permute(0, 2, 1, 3).float().cpu().numpy()
+    if mode == "fwd":
+        run = lambda: forward(tq, tk, tv)
+        return run, lambda out: torch.cuda.synchronize(), to_numpy
+    if mode == "bwd":
+        raise ValueError("torch_bmm is timed in fwd and fwd_bwd modes only")
+    leaves = [x.requires_grad_() for x in (tq, tk, tv)]
+    tdout = to_heads(dout)
+    run = lambda: torch.autograd.grad(forward(*leaves), leaves, tdout)
+    return (run, lambda out: torch.cuda.synchronize(),
+            lambda grads: [to_numpy(g) for g in grads])
 
 
 def _time(call, finish):
@@ -126,37 +152,75 @@ def _time(call, finish):
 
 
 def _relative_error(out, ref):
+    """Relative error of an output, or the worst over a tuple of gradients."""
+    if isinstance(ref, (tuple, list)):
+        return max(_relative_error(o, r) for o, r in zip(out, ref))
     out = np.asarray(out, np.float32)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal, impls):
+def _timed_function(attend, mode, q, k, v, dout):
+    """A jitted no-argument call for `mode`, and its jitted form for memory analysis."""
+    if mode == "fwd":
+        fn = jax.jit(attend)
+        return (lambda: fn(q, k, v)), None
+    if mode == "bwd":
+        _, vjp = jax.vjp(attend, q, k, v)  # residuals computed once, outside the timing
+        fn = jax.jit(lambda vjp, dout: vjp(dout))
+        return (lambda: fn(vjp, dout)), None
+    fn = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout))
+    return (lambda: fn(q, k, v, dout)), (fn, (q, k, v, dout))
+
+
+def _scratch_mb(jitted):
+    """XLA's temp buffer size of the compiled step, MB (NaN if it does not say)."""
+    if jitted is None:
+        return float("nan")
+    fn, args = jitted
+    analysis = fn.lower(*args).compile().memory_analysis()
+    return getattr(analysis, "temp_size_in_bytes", float("nan")) / 2**20
+
+
+def _reference(q, k, v, dout, problem, mode):
+    """fp32 reference output (fwd) or gradients (bwd, fwd_bwd), as numpy."""
+    attend = lambda q, k, v: jt_attention.attention_reference(
+        q, k, v, scale=problem.scale, is_causal=problem.is_causal)[0]
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, dout)]
+    if mode == "fwd":
+        return np.asarray(jax.jit(attend)(*upcast[:3]))
+    grads = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout))(*upcast)
+    return tuple(np.asarray(g) for g in grads)
+
+
+def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal, impls,
+                    mode):
     problem = Problem(batch, q_len, kv_len, heads, kv_heads, head_dim, np.dtype(dtype),
                       1.0 / math.sqrt(head_dim), causal)
-    keys = jax.random.split(jax.random.key(int(time.time())), 3)
+    keys = jax.random.split(jax.random.key(int(time.time())), 4)
     q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
     k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
     v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
-    ref, _ = jax.jit(jt_attention.attention_reference, static_argnames=("scale", "is_causal"))(
-        q, k, v, scale=problem.scale, is_causal=causal)
-    ref = np.asarray(ref, np.float32)
+    dout = jax.random.normal(keys[3], q.shape, dtype)
+    ref = _reference(q, k, v, dout, problem, mode)
     jax_impls = _jax_impls(problem)
     rows = []
     for name in impls:
         row = dict(impl=name, batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len,
                    kv_len=kv_len, head_dim=head_dim, dtype=str(np.dtype(dtype)), causal=causal,
-                   gpu=jax.devices()[0].device_kind)
+                   mode=mode, gpu=jax.devices()[0].device_kind)
         try:
+            jitted = None
             if name == "torch_bmm":
-                run, finish, to_numpy = _torch_bmm(q, k, v, problem)
+                run, finish, to_numpy = _torch_bmm(q, k, v, dout, problem, mode)
                 ms, out, first_call_s = _time(run, finish)
                 out = to_numpy(out)
             else:
-                fn = jax.jit(jax_impls[name])
-                ms, out, first_call_s = _time(lambda: fn(q, k, v), jax.block_until_ready)
+                run, jitted = _timed_function(jax_impls[name], mode, q, k, v, dout)
+                ms, out, first_call_s = _time(run, jax.block_until_ready)
             err = _relative_error(out, ref)
-            row.update(ms=ms, tflops=problem.flops() / ms / 1e9, rel_err=err,
-                       ok=bool(np.isfinite(err)), first_call_s=first_call_s)
+            flops = problem.flops() * FLOPS_PER_MODE[mode]
+            row.update(ms=ms, tflops=flops / ms / 1e9, rel_err=err, ok=bool(np.isfinite(err)),
+                       first_call_s=first_call_s, temp_mb=_scratch_mb(jitted))
         except Exception as e:  # recorded, not raised: one failing peer must not stop the run
             row.update(ms=float("nan"), tflops=float("nan"), rel_err=float("nan"), ok=False,
                        reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -174,6 +238,8 @@ def _format(row):
     text = (f"{_shape_label(row):<46} {row['impl']:<10} {row['ms']:9.3f} ms "
             f"{row['tflops']:7.1f} TFLOP/s err {row['rel_err']:.1e} "
             f"first call {row.get('first_call_s', float('nan')):5.1f} s")
+    if not np.isnan(row.get("temp_mb", float("nan"))):
+        text += f" temp {row['temp_mb']:.0f} MB"
     return text + (f"  [{row['reason']}]" if "reason" in row else "")
 
 
@@ -185,12 +251,12 @@ def main(argv):
     else:
         shapes = [(FLAGS.batch, FLAGS.num_heads, FLAGS.q_len, FLAGS.kv_len or FLAGS.q_len,
                    FLAGS.head_dim, FLAGS.causal)]
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, mode {FLAGS.mode}")
     rows = []
     for batch, heads, q_len, kv_len, head_dim, causal in shapes:
         kv_heads = FLAGS.num_kv_heads or heads
         rows += benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal,
-                                FLAGS.impls)
+                                FLAGS.impls, FLAGS.mode)
     print("\nsummary (ms; ratio = jt time / best peer time)")
     for shape_rows in _group(rows):
         peers = [r for r in shape_rows if r["impl"] != "jt" and r["ok"]]

@@ -42,8 +42,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     Supported: float16, bfloat16 and float32 (query, key and value alike); head_dim
     16 to 1024 (kernels: a flash online-softmax kernel up to 256, 64 for float32;
     above, two launches that write the probabilities once, O(B*N*T*S) extra memory);
-    any q_len and kv_len >= 1. Gradients (jax.grad) are computed by the XLA
-    reference for now, not by Triton kernels.
+    any q_len and kv_len >= 1.
+
+    Differentiable in reverse mode (jax.grad, jax.vjp, also under jit and remat) with
+    Triton backward kernels, for the output and for the returned logsumexp; the
+    gradients come back in the input dtype. Forward mode (jax.jvp, jax.jacfwd) is
+    not supported: JAX raises "can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function"; use reverse mode.
     """
     _reject_unsupported(bias=bias, mask=mask, query_seq_lengths=query_seq_lengths,
                         key_value_seq_lengths=key_value_seq_lengths,
@@ -168,6 +173,10 @@ def _attention(query, key, value, problem, implementation):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _kernel_attention(query, key, value, problem, implementation):
+    return _kernel_forward(query, key, value, problem, implementation)
+
+
+def _kernel_forward(query, key, value, problem, implementation):
     if implementation == "triton":
         from jt_attention.launch import triton_forward
         return triton_forward(query, key, value, problem)
@@ -176,16 +185,21 @@ def _kernel_attention(query, key, value, problem, implementation):
 
 
 def _kernel_attention_fwd(query, key, value, problem, implementation):
-    return _kernel_attention(query, key, value, problem, implementation), (query, key, value)
+    out, lse = _kernel_forward(query, key, value, problem, implementation)
+    # Residuals are O(B·H·S·D) and O(B·H·S): the backward recomputes the probabilities.
+    return (out, lse), (query, key, value, out, lse)
 
 
 def _kernel_attention_bwd(problem, implementation, residuals, cotangents):
-    # No Triton backward kernels yet: the gradient recomputes attention in XLA.
-    _log_once("jt_attention: the backward pass runs through the XLA reference, "
-              "not Triton kernels", logging.WARNING)
-    out_cotangent, _ = cotangents  # the logsumexp is a stop-gradient residual, as in jax.nn
-    _, vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, problem)[0], *residuals)
-    return vjp(out_cotangent)
+    # The lse cotangent is zero unless the caller differentiates return_residual's
+    # logsumexp; it folds into delta, so it costs one read per row.
+    dout, dlse = cotangents
+    cotangents = (dout.astype(problem.dtype), dlse.astype(jnp.float32))
+    if implementation == "triton":
+        from jt_attention.launch import triton_backward
+        return triton_backward(residuals, cotangents, problem)
+    from jt_attention.interpret import interpret_backward
+    return interpret_backward(residuals, cotangents, problem)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)

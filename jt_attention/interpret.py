@@ -1,4 +1,4 @@
-"""Runs the forward plan through Triton's CPU interpreter, hosted in `jax.pure_callback`.
+"""Runs the forward and backward plans through Triton's CPU interpreter, hosted in `jax.pure_callback`.
 
 Triton picks the interpreter when a function is decorated, for its own standard
 library as much as for these kernels, so this path needs TRITON_INTERPRET=1 in
@@ -15,13 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 
-from jt_attention.plan import forward_plan
+from jt_attention.plan import backward_plan, forward_plan
 
 INTERPRETER_SCORE_TILE_N = 32
 INTERPRETER_BLOCKS = {
     "_flash_forward_kernel": dict(BLOCK_M=32, BLOCK_N=16),
     "_score_tiles_kernel": dict(BLOCK_M=32, BLOCK_K=32),
     "_weighted_values_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64),
+    "_output_grad_dot_kernel": dict(BLOCK_M=16, BLOCK_D=64),
+    "_flash_key_grads_kernel": dict(BLOCK_M=16, BLOCK_N=32),
+    "_flash_query_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16),
+    "_score_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
+    "_probs_matmul_kernel": dict(BLOCK_R=32, BLOCK_C=16, BLOCK_D=64),
 }
 
 
@@ -115,3 +120,18 @@ def interpret_forward(q, k, v, problem):
         return tuple(buffers[b.name] for b in launches[-1].outputs)
 
     return jax.pure_callback(host, result_shapes, q, k, v, vmap_method="sequential")
+
+
+def interpret_backward(residuals, cotangents, problem):
+    """(dq, dk, dv) from the interpreted backward kernels; works under jit."""
+    _require_interpreter()
+    launches = backward_plan(problem)
+    names = ("q", "k", "v", "out", "lse", "dout", "dlse")
+    arrays = residuals + cotangents
+    grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays[:3])
+
+    def host(*arrays):
+        buffers = run_interpreted(launches, dict(zip(names, arrays)))
+        return buffers["dq"], buffers["dk"], buffers["dv"]
+
+    return jax.pure_callback(host, grad_shapes, *arrays, vmap_method="sequential")

@@ -1,4 +1,4 @@
-"""Launches the forward plan on a CUDA GPU through `jax_triton.triton_call`.
+"""Launches the forward and backward plans on a CUDA GPU through `jax_triton.triton_call`.
 
 jax_triton is imported here, lazily: its import fails on a JAX without CUDA.
 Every launch is autotuned over the configs that fit this device (`tuning.py`),
@@ -11,7 +11,7 @@ import inspect
 import jax
 
 from jt_attention import tuning
-from jt_attention.plan import forward_plan
+from jt_attention.plan import backward_plan, forward_plan
 
 
 @functools.cache
@@ -25,12 +25,11 @@ def _out_keyword(triton_call):
     return "out_type" if "out_type" in inspect.signature(triton_call).parameters else "out_shape"
 
 
-def triton_forward(q, k, v, problem):
-    """(out, lse [B, H, Sq] fp32) on the GPU; traceable, no host synchronisation."""
+def _run_launches(launches, buffers, problem):
+    """Launches each kernel in turn; `buffers` (name -> array) gains their outputs."""
     import jax_triton
 
-    buffers = {"q": q, "k": k, "v": v}
-    for launch in forward_plan(problem):
+    for launch in launches:
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.itemsize,
                                   problem.block_d)
         out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]
@@ -41,4 +40,18 @@ def triton_forward(q, k, v, problem):
             **{_out_keyword(jax_triton.triton_call): out_types},
             **launch.metaparams)
         buffers.update(zip((b.name for b in launch.outputs), outputs))
+    return buffers
+
+
+def triton_forward(q, k, v, problem):
+    """(out, lse [B, H, Sq] fp32) on the GPU; traceable, no host synchronisation."""
+    buffers = _run_launches(forward_plan(problem), {"q": q, "k": k, "v": v}, problem)
     return buffers["out"], buffers["lse"]
+
+
+def triton_backward(residuals, cotangents, problem):
+    """(dq, dk, dv) from the forward's (q, k, v, out, lse) and the (dout, dlse) cotangents."""
+    names = ("q", "k", "v", "out", "lse", "dout", "dlse")
+    buffers = _run_launches(backward_plan(problem), dict(zip(names, residuals + cotangents)),
+                            problem)
+    return buffers["dq"], buffers["dk"], buffers["dv"]

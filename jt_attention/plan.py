@@ -11,7 +11,8 @@ import numpy as np
 import triton
 
 from jt_attention import tuning
-from jt_attention.kernels import flash_forward, two_pass_forward
+from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
+                                  two_pass_backward, two_pass_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +82,16 @@ def _common_constexprs(p):
                 DOT_PRECISION=p.dot_precision)
 
 
-def _stride_constexprs(p, *tensors):
-    """STRIDE_{X}B/S/H for each tensor X of "QKVO"; Q and O are query-shaped."""
+QUERY_SHAPED = ("Q", "O", "DO")  # the rest ("K", "V") are key-shaped
+
+
+def _stride_constexprs(p, *tensors, rename=None):
+    """STRIDE_{X}B/S/H for each tensor X; `rename` maps a tensor to the kernel's name."""
     strides = {}
     for x in tensors:
-        seq, heads = (p.seq_q, p.num_heads) if x in "QO" else (p.seq_k, p.num_kv_heads)
-        strides.update(zip((f"STRIDE_{x}B", f"STRIDE_{x}S", f"STRIDE_{x}H"),
+        seq, heads = (p.seq_q, p.num_heads) if x in QUERY_SHAPED else (p.seq_k, p.num_kv_heads)
+        name = (rename or {}).get(x, x)
+        strides.update(zip((f"STRIDE_{name}B", f"STRIDE_{name}S", f"STRIDE_{name}H"),
                            p.strides(seq, heads)))
     return strides
 
@@ -137,3 +142,85 @@ def forward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
     if p.uses_flash_kernel:
         return _flash_plan(p)
     return _two_pass_plan(p, score_tile_n)
+
+
+# Backward: buffers "q", "k", "v", "out", "lse" (forward residuals), "dout" and "dlse"
+# (cotangents) in; "dq", "dk", "dv" out, shaped and typed like q, k and v.
+
+def _grad_buffers(p, *names):
+    shapes = {"dq": _layout_shape(p, p.seq_q, p.num_heads),
+              "dk": _layout_shape(p, p.seq_k, p.num_kv_heads),
+              "dv": _layout_shape(p, p.seq_k, p.num_kv_heads)}
+    return tuple(Buffer(name, shapes[name], np.dtype(p.dtype)) for name in names)
+
+
+def _delta_buffer(p):
+    return Buffer("delta", (p.batch, p.num_heads, p.seq_q), np.dtype(np.float32))
+
+
+def _delta_launch(p):
+    return Launch(
+        backward_preprocess._output_grad_dot_kernel, ("out", "dout", "dlse"), (_delta_buffer(p),),
+        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads),
+        dict(SEQ_Q=p.seq_q, NUM_HEADS=p.num_heads, HEAD_DIM=p.head_dim,
+             **_stride_constexprs(p, "O", "DO")))
+
+
+def _flash_backward_plan(p):
+    """Query grads first: it also writes delta, which the key grads read."""
+    metaparams = dict(SCALE=p.scale, BLOCK_D=p.block_d, **_common_constexprs(p),
+                      **_stride_constexprs(p, "Q", "K", "V", "DO"))
+    query_grads = Launch(
+        flash_backward._flash_query_grads_kernel, ("q", "k", "v", "out", "dout", "lse", "dlse"),
+        _grad_buffers(p, "dq") + (_delta_buffer(p),),
+        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads),
+        dict(metaparams, **_stride_constexprs(p, "O")))
+    key_grads = Launch(
+        flash_backward._flash_key_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
+        _grad_buffers(p, "dk", "dv"),
+        lambda meta: (triton.cdiv(p.seq_k, meta["BLOCK_N"]), p.batch * p.num_kv_heads),
+        metaparams)
+    return [query_grads, key_grads]
+
+
+def _probs_matmul_launch(p, a, b, out, out_scale):
+    """out = out_scale * A'.b, where A' is `a` ("probs" or "dscores") or its transpose."""
+    transpose_a = out != "dq"
+    rows, out_heads = (p.seq_k, p.num_kv_heads) if transpose_a else (p.seq_q, p.num_heads)
+    b_tensor = {"dout": "DO", "q": "Q", "k": "K"}[b]
+    out_like = "K" if transpose_a else "Q"
+    return Launch(
+        two_pass_backward._probs_matmul_kernel, (a, b), _grad_buffers(p, out),
+        lambda meta: (triton.cdiv(p.head_dim, meta["BLOCK_D"]),
+                      triton.cdiv(rows, meta["BLOCK_R"]), p.batch * out_heads),
+        dict(OUT_SCALE=out_scale, TRANSPOSE_A=transpose_a, PROBS_STRIDE=_probs_stride(p),
+             **_common_constexprs(p), **_stride_constexprs(p, b_tensor, rename={b_tensor: "B"}),
+             **_stride_constexprs(p, out_like, rename={out_like: "O"})))
+
+
+def _probs_stride(p):
+    """Row stride of the P and dS buffers: whole 16-byte vectors per row."""
+    return triton.cdiv(p.seq_k, 8) * 8
+
+
+def _two_pass_backward_plan(p):
+    probs_shape = (p.batch * p.num_heads, p.seq_q, _probs_stride(p))
+    score_grads = Launch(
+        two_pass_backward._score_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
+        (Buffer("probs", probs_shape, np.dtype(p.dtype)),
+         Buffer("dscores", probs_shape, np.dtype(p.dtype))),
+        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]) * triton.cdiv(p.seq_k, meta["BLOCK_N"]),
+                      p.batch * p.num_heads),
+        dict(SCALE=p.scale, PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
+             **_stride_constexprs(p, "Q", "K", "V", "DO")))
+    return [score_grads,
+            _probs_matmul_launch(p, "probs", "dout", "dv", 1.0),
+            _probs_matmul_launch(p, "dscores", "q", "dk", p.scale),
+            _probs_matmul_launch(p, "dscores", "k", "dq", p.scale)]
+
+
+def backward_plan(p):
+    """The launches of the backward pass; together they write "dq", "dk" and "dv"."""
+    if p.uses_flash_kernel:
+        return _flash_backward_plan(p)
+    return [_delta_launch(p)] + _two_pass_backward_plan(p)

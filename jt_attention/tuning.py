@@ -11,7 +11,8 @@ and keeps the fastest (GUIDE.md 3c); the autotune `key` plays no part there.
 
 import triton
 
-from jt_attention.kernels import flash_forward, two_pass_forward
+from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
+                                  two_pass_backward, two_pass_forward)
 
 KIB = 1024
 # Shared memory per block, by compute capability. Unknown parts get the smallest.
@@ -58,23 +59,25 @@ WEIGHTED_VALUES_CONFIGS = [
 ]
 
 
-def _fp32_staging_bytes(config, inner_block, itemsize):
+def _fp32_staging_bytes(rows, inner_block, itemsize):
     """fp32 (3xTF32) dots stage an operand tile through shared memory; 16-bit dots do not."""
-    return 2 * config.kwargs["BLOCK_M"] * inner_block * itemsize if itemsize == 4 else 0
+    return 2 * rows * inner_block * itemsize if itemsize == 4 else 0
 
 
 def _flash_shared_bytes(config, block_d, itemsize):
     blocks = config.kwargs
     # Q stays resident; K and V are multi-buffered num_stages deep.
     rows = blocks["BLOCK_M"] + 2 * blocks["BLOCK_N"] * config.num_stages
-    return rows * block_d * itemsize + _fp32_staging_bytes(config, blocks["BLOCK_N"], itemsize)
+    return (rows * block_d * itemsize
+            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_N"], itemsize))
 
 
 def _score_tiles_shared_bytes(config, block_d, itemsize):
     del block_d  # the head dim is streamed in BLOCK_K chunks
     blocks = config.kwargs
     pipeline = (blocks["BLOCK_M"] + SCORE_TILE_N) * blocks["BLOCK_K"] * config.num_stages
-    return pipeline * itemsize + _fp32_staging_bytes(config, blocks["BLOCK_K"], itemsize)
+    return (pipeline * itemsize
+            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
 
 
 def _weighted_values_shared_bytes(config, block_d, itemsize):
@@ -83,7 +86,77 @@ def _weighted_values_shared_bytes(config, block_d, itemsize):
     tile = blocks["BLOCK_N"] * (blocks["BLOCK_M"] + blocks["BLOCK_D"])
     row_weights = 8 * blocks["BLOCK_M"]  # the per-row rescale changes layout through shared memory
     return (tile * config.num_stages * itemsize + row_weights
-            + _fp32_staging_bytes(config, blocks["BLOCK_N"], itemsize))
+            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_N"], itemsize))
+
+
+OUTPUT_GRAD_DOT_CONFIGS = [
+    _config(4, 1, BLOCK_M=32, BLOCK_D=128),   # H100: seed workload, head dim 512 (memory-bound)
+    _config(4, 1, BLOCK_M=64, BLOCK_D=64),    # H100: second, within 8%
+]
+# Backward, head dim <= 256. Key grads hold K, V, dK, dV for BLOCK_N keys and stream
+# BLOCK_M queries; query grads hold Q, dO, dQ for BLOCK_M queries and stream keys.
+FLASH_KEY_GRADS_CONFIGS = [
+    _config(4, 2, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 128
+    _config(8, 3, BLOCK_M=64, BLOCK_N=128),   # H100: head dim 128 causal
+    _config(8, 2, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 256
+    _config(4, 2, BLOCK_M=16, BLOCK_N=32),    # 99 KB parts: head dim 256, fp32
+]
+FLASH_QUERY_GRADS_CONFIGS = [
+    _config(8, 3, BLOCK_M=128, BLOCK_N=64),   # H100: head dims 64 and 128, causal or not
+    _config(4, 2, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 256
+    _config(4, 2, BLOCK_M=64, BLOCK_N=32),    # 99 KB parts: head dim <= 128
+    _config(4, 2, BLOCK_M=32, BLOCK_N=32),    # 99 KB parts: head dim 256, fp32
+]
+# Backward, head dim > 256.
+SCORE_GRADS_CONFIGS = [
+    _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),  # H100: seed workload, head dim 512
+    _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),  # H100: second at head dim 512
+    _config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),    # 99 KB parts
+    _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32),    # 99 KB parts, fp32
+]
+PROBS_MATMUL_CONFIGS = [
+    _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),  # H100: seed workload; 99 KB parts
+    _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256),  # H100: head dim 512
+    _config(4, 2, BLOCK_R=64, BLOCK_C=32, BLOCK_D=128),   # 99 KB parts, fp32
+]
+
+
+def _output_grad_dot_shared_bytes(config, block_d, itemsize):
+    del block_d, itemsize
+    return 4 * config.kwargs["BLOCK_M"]  # at most a cross-warp row reduction
+
+
+def _key_grads_shared_bytes(config, block_d, itemsize):
+    blocks = config.kwargs
+    resident = 2 * blocks["BLOCK_N"] * block_d  # K and V
+    streamed = 2 * blocks["BLOCK_M"] * block_d * config.num_stages  # Q and dO
+    row_stats = 8 * blocks["BLOCK_M"] * config.num_stages  # lse and delta, fp32
+    return ((resident + streamed) * itemsize + row_stats
+            + _fp32_staging_bytes(blocks["BLOCK_N"], block_d, itemsize))
+
+
+def _query_grads_shared_bytes(config, block_d, itemsize):
+    blocks = config.kwargs
+    resident = 2 * blocks["BLOCK_M"] * block_d  # Q and dO
+    streamed = 2 * blocks["BLOCK_N"] * block_d * config.num_stages  # K and V
+    return ((resident + streamed) * itemsize
+            + _fp32_staging_bytes(blocks["BLOCK_M"], block_d, itemsize))
+
+
+def _score_grads_shared_bytes(config, block_d, itemsize):
+    del block_d  # the head dim is streamed in BLOCK_K chunks
+    blocks = config.kwargs
+    pipeline = 2 * (blocks["BLOCK_M"] + blocks["BLOCK_N"]) * blocks["BLOCK_K"] * config.num_stages
+    return (pipeline * itemsize
+            + 2 * _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
+
+
+def _probs_matmul_shared_bytes(config, block_d, itemsize):
+    del block_d  # the output is split into BLOCK_D chunks
+    blocks = config.kwargs
+    tile = blocks["BLOCK_C"] * (blocks["BLOCK_R"] + blocks["BLOCK_D"])
+    return (tile * config.num_stages * itemsize
+            + _fp32_staging_bytes(blocks["BLOCK_R"], blocks["BLOCK_C"], itemsize))
 
 
 # kernel -> (candidate configs, shared-memory estimate in bytes)
@@ -92,6 +165,13 @@ KERNEL_TUNING = {
     two_pass_forward._score_tiles_kernel: (SCORE_TILES_CONFIGS, _score_tiles_shared_bytes),
     two_pass_forward._weighted_values_kernel:
         (WEIGHTED_VALUES_CONFIGS, _weighted_values_shared_bytes),
+    backward_preprocess._output_grad_dot_kernel:
+        (OUTPUT_GRAD_DOT_CONFIGS, _output_grad_dot_shared_bytes),
+    flash_backward._flash_key_grads_kernel: (FLASH_KEY_GRADS_CONFIGS, _key_grads_shared_bytes),
+    flash_backward._flash_query_grads_kernel:
+        (FLASH_QUERY_GRADS_CONFIGS, _query_grads_shared_bytes),
+    two_pass_backward._score_grads_kernel: (SCORE_GRADS_CONFIGS, _score_grads_shared_bytes),
+    two_pass_backward._probs_matmul_kernel: (PROBS_MATMUL_CONFIGS, _probs_matmul_shared_bytes),
 }
 
 

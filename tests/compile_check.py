@@ -1,4 +1,4 @@
-"""Compiles every shipped config of every kernel for a GPU target, without a GPU.
+"""Compiles every shipped config of every kernel (forward and backward) for a GPU target, without a GPU.
 
 Run as a script (tests/test_compile.py does, in a process without TRITON_INTERPRET):
 prints one JSON line per compile with the compiler's shared memory, the estimate
@@ -42,8 +42,9 @@ def compile_launch(launch, buffer_dtypes, config, compute_capability):
 def main():
     for dtype, head_dim, causal in PROBLEMS:
         problem = plan.Problem(2, 300, 257, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
-        launches = plan.forward_plan(problem)
-        buffer_dtypes = {"q": problem.dtype, "k": problem.dtype, "v": problem.dtype}
+        launches = plan.forward_plan(problem) + plan.backward_plan(problem)
+        buffer_dtypes = {name: problem.dtype for name in ("q", "k", "v", "dout")}
+        buffer_dtypes["dlse"] = np.dtype(np.float32)
         buffer_dtypes.update((b.name, b.dtype) for l in launches for b in l.outputs)
         for cc in TARGETS:
             for launch in launches:

@@ -44,3 +44,30 @@ def relative_error(out, ref):
     out = np.asarray(out).astype(np.float64)
     assert np.isfinite(out).all(), "output has NaN or Inf"
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def attention_grads_float64(q, k, v, dout, scale, is_causal, dlse=None):
+    """Gradients (dq, dk, dv) of <out, dout> + <lse, dlse> in float64, by the closed form.
+
+    dP = dO.V^T, dS = P * (dP - rowsum(P * dP) + dlse); dq = scale dS.K,
+    dk = scale dS^T.Q, dv = P^T.dO, summed over the query heads of a KV group."""
+    batch, seq_q, heads, _ = q.shape
+    group = heads // k.shape[2]
+    q, dout = q.astype(np.float64), dout.astype(np.float64)
+    k = np.repeat(k.astype(np.float64), group, axis=2)
+    v = np.repeat(v.astype(np.float64), group, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k, optimize=True) * scale
+    if is_causal:
+        logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    dprobs = np.einsum("btnh,bsnh->bnts", dout, v, optimize=True)
+    row_term = (probs * dprobs).sum(-1, keepdims=True)
+    if dlse is not None:  # [B, T, N]
+        row_term -= dlse.astype(np.float64).transpose(0, 2, 1)[..., None]
+    dscores = probs * (dprobs - row_term)
+    dq = scale * np.einsum("bnts,bsnh->btnh", dscores, k, optimize=True)
+    dk = scale * np.einsum("bnts,btnh->bsnh", dscores, q, optimize=True)
+    dv = np.einsum("bnts,btnh->bsnh", probs, dout, optimize=True)
+    fold = lambda x: x.reshape(x.shape[0], x.shape[1], -1, group, x.shape[3]).sum(3)
+    return dq, fold(dk), fold(dv)

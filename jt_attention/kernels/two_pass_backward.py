@@ -1,0 +1,206 @@
+"""Attention backward for head dims above 256: the score gradients once, then three GEMMs.
+
+A flash backward keeps dK and dV (2 x BLOCK_N x D fp32) in registers, which does not
+fit for D = 1024, and recomputing the scores per D-chunk would multiply their FLOPs
+(the forward's reasoning, two_pass_forward.py). So:
+
+1. `_score_grads_kernel`, one program per (BLOCK_M x BLOCK_N) score tile: S = Q.K^T and
+   dP = dO.V^T as GEMMs over the head dim, then P = exp(S - lse) and
+   dS = P * (dP - delta), written once in the input dtype (delta from
+   backward_preprocess). Tiles wholly above the causal diagonal are skipped (never
+   written, never read). Summing delta here instead, from the dO chunks already
+   loaded, was measured 1.4 ms slower on the seed workload: the O loads do not
+   pipeline (WORKSPACE_NOTES.md, backward v1).
+2. `_probs_matmul_kernel`, three times: dV = P^T.dO, dK = scale * dS^T.Q and
+   dQ = scale * dS.K, each tiled over (rows, D-chunks) and reducing over the
+   sequence. dK and dV sum the query heads of a group in the reduction loop.
+
+Costs 2 x Sq x Sk elements of HBM per batch·head, like the forward's P.
+"""
+
+import triton
+import triton.language as tl
+
+from jt_attention.kernels.backward_preprocess import load_row_stats
+from jt_attention.kernels.tiles import load_tile, store_tile
+
+
+@triton.jit
+def _score_grads_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, probs_ptr, dscores_ptr,
+    SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    STRIDE_QB: tl.constexpr, STRIDE_QS: tl.constexpr, STRIDE_QH: tl.constexpr,
+    STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
+    STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
+    STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grid = (cdiv(SEQ_Q, BLOCK_M) * cdiv(SEQ_K, BLOCK_N), batch * NUM_HEADS).
+
+    probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""
+    NUM_N_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
+    start_m = (tl.program_id(0) // NUM_N_BLOCKS) * BLOCK_M
+    start_n = (tl.program_id(0) % NUM_N_BLOCKS) * BLOCK_N
+    batch_head = tl.program_id(1)
+    batch = batch_head // NUM_HEADS
+    head = batch_head % NUM_HEADS
+    kv_head = head // KV_GROUP
+
+    visible_end = start_m + BLOCK_M if IS_CAUSAL else SEQ_K
+    if start_n < visible_end:
+        rows = start_m + tl.arange(0, BLOCK_M)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        q_ptrs = (q_ptr + batch * STRIDE_QB + head * STRIDE_QH
+                  + rows[:, None] * STRIDE_QS + offs_k[None, :])
+        dout_ptrs = (dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH
+                     + rows[:, None] * STRIDE_DOS + offs_k[None, :])
+        k_ptrs = (k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
+                  + cols[:, None] * STRIDE_KS + offs_k[None, :])
+        v_ptrs = (v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
+                  + cols[:, None] * STRIDE_VS + offs_k[None, :])
+        RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
+        RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
+        RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
+        scores = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        dprobs = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start_k in range(0, HEAD_DIM, BLOCK_K):
+            dims = start_k + offs_k
+            q = load_tile(q_ptrs + start_k, rows, dims, SEQ_Q, HEAD_DIM, RAGGED_ROWS, RAGGED_DIM)
+            k = load_tile(k_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, RAGGED_KEYS, RAGGED_DIM)
+            scores = tl.dot(q, tl.trans(k), scores, input_precision=DOT_PRECISION)
+            dout = load_tile(dout_ptrs + start_k, rows, dims, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
+                             RAGGED_DIM)
+            v = load_tile(v_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, RAGGED_KEYS, RAGGED_DIM)
+            dprobs = tl.dot(dout, tl.trans(v), dprobs, input_precision=DOT_PRECISION)
+
+        lse, delta = load_row_stats(lse_ptr + batch_head * SEQ_Q, delta_ptr + batch_head * SEQ_Q,
+                                    rows, SEQ_Q, RAGGED_ROWS)
+        probs = tl.math.exp2(scores * (SCALE * 1.4426950408889634) - lse[:, None])
+        if RAGGED_KEYS or IS_CAUSAL:
+            visible = cols[None, :] < SEQ_K
+            if IS_CAUSAL:  # top-left aligned: key j reaches query i iff j <= i
+                visible = visible & (cols[None, :] <= rows[:, None])
+            probs = tl.where(visible, probs, 0.0)
+        dscores = probs * (dprobs - delta[:, None])
+        offsets = batch_head * SEQ_Q * PROBS_STRIDE + rows[:, None] * PROBS_STRIDE + cols[None, :]
+        store_tile(probs_ptr + offsets, probs.to(probs_ptr.dtype.element_ty), rows, cols,
+                   SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+        store_tile(dscores_ptr + offsets, dscores.to(dscores_ptr.dtype.element_ty), rows, cols,
+                   SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+
+
+@triton.jit
+def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                       OUT_ROWS: tl.constexpr, REDUCED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       PROBS_STRIDE: tl.constexpr, STRIDE_BS: tl.constexpr,
+                       TRANSPOSE_A: tl.constexpr, DIAGONAL: tl.constexpr,
+                       RAGGED_ROWS: tl.constexpr, RAGGED_REDUCED: tl.constexpr,
+                       RAGGED_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += A'[rows, start_c:+BLOCK_C] . B[start_c:+BLOCK_C, d-chunk].
+
+    DIAGONAL: the block crosses the causal diagonal. Its entries above it may lie in
+    tiles the score-grads kernel skipped (unwritten memory), so they are dropped with
+    a select after the load, never multiplied (see two_pass_forward, v1 notes)."""
+    cols = start_c + offs_c
+    if TRANSPOSE_A:  # A is [queries, keys] in memory; the rows here are keys
+        a = tl.trans(load_tile(a_ptrs + start_c * PROBS_STRIDE, cols, rows, REDUCED, OUT_ROWS,
+                               RAGGED_REDUCED, RAGGED_ROWS))
+        if DIAGONAL:
+            a = tl.where(rows[:, None] <= cols[None, :], a, 0.0)
+    else:  # the rows are queries, the reduction runs over keys
+        a = load_tile(a_ptrs + start_c, rows, cols, OUT_ROWS, REDUCED, RAGGED_ROWS,
+                      RAGGED_REDUCED)
+        if DIAGONAL:
+            a = tl.where(cols[None, :] <= rows[:, None], a, 0.0)
+    b = load_tile(b_ptrs + start_c * STRIDE_BS, cols, offs_d, REDUCED, HEAD_DIM,
+                  RAGGED_REDUCED, RAGGED_DIM)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _probs_matmul_kernel(
+    a_ptr, b_ptr, out_ptr,
+    OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
+    STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = OUT_SCALE * A' . B per batch·head, A' = A^T if TRANSPOSE_A else A.
+
+    A (P or dS) is [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE].
+    TRANSPOSE_A (dV = P^T.dO, dK = dS^T.Q): rows are keys, the reduction runs over
+      the queries of every head of a KV group; B is query-shaped, out key-shaped;
+      grid = (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), batch * NUM_KV_HEADS).
+    Otherwise (dQ = dS.K): rows are queries, the reduction runs over keys; B is K;
+      grid = (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R), batch * NUM_HEADS).
+    """
+    OUT_ROWS: tl.constexpr = SEQ_K if TRANSPOSE_A else SEQ_Q
+    REDUCED: tl.constexpr = SEQ_Q if TRANSPOSE_A else SEQ_K
+    HEADS_SUMMED: tl.constexpr = KV_GROUP if TRANSPOSE_A else 1
+    B_HEAD_GROUP: tl.constexpr = 1 if TRANSPOSE_A else KV_GROUP  # B is dO or Q, else K
+    OUT_HEADS: tl.constexpr = NUM_HEADS // HEADS_SUMMED
+    start_d = tl.program_id(0) * BLOCK_D
+    start_r = tl.program_id(1) * BLOCK_R
+    batch = tl.program_id(2) // OUT_HEADS
+    out_head = tl.program_id(2) % OUT_HEADS
+    rows = start_r + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = start_d + tl.arange(0, BLOCK_D)
+    RAGGED_ROWS: tl.constexpr = OUT_ROWS % BLOCK_R != 0
+    RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
+
+    # Reduction blocks: those wholly visible run unmasked; the causal diagonal and
+    # the ragged tail of the reduced sequence run with masks.
+    first = 0
+    unmasked_start = 0
+    unmasked_end = (REDUCED // BLOCK_C) * BLOCK_C
+    end = REDUCED
+    if IS_CAUSAL:
+        if TRANSPOSE_A:  # keys [start_r, +BLOCK_R) reach queries from start_r on
+            first = (start_r // BLOCK_C) * BLOCK_C
+            unmasked_start = min(end, (start_r + BLOCK_R + BLOCK_C - 1) // BLOCK_C * BLOCK_C)
+        else:  # queries [start_r, +BLOCK_R) see keys up to start_r + BLOCK_R - 1
+            unmasked_end = min(unmasked_end, (start_r // BLOCK_C) * BLOCK_C)
+            end = min(end, start_r + BLOCK_R)
+    unmasked_end = max(unmasked_end, unmasked_start)
+
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for group_member in range(HEADS_SUMMED):
+        a_head = out_head * HEADS_SUMMED + group_member
+        b_head = a_head // B_HEAD_GROUP
+        a_base = a_ptr + (batch * NUM_HEADS + a_head) * SEQ_Q * PROBS_STRIDE
+        if TRANSPOSE_A:
+            a_ptrs = a_base + offs_c[:, None] * PROBS_STRIDE + rows[None, :]
+        else:
+            a_ptrs = a_base + rows[:, None] * PROBS_STRIDE + offs_c[None, :]
+        b_ptrs = (b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH
+                  + offs_c[:, None] * STRIDE_BS + offs_d[None, :])
+        for start_c in range(first, unmasked_start, BLOCK_C):
+            acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                                     OUT_ROWS, REDUCED, HEAD_DIM, PROBS_STRIDE, STRIDE_BS,
+                                     TRANSPOSE_A, True, RAGGED_ROWS, REDUCED % BLOCK_C != 0,
+                                     RAGGED_DIM, DOT_PRECISION)
+        for start_c in range(unmasked_start, unmasked_end, BLOCK_C):
+            acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                                     OUT_ROWS, REDUCED, HEAD_DIM, PROBS_STRIDE, STRIDE_BS,
+                                     TRANSPOSE_A, False, RAGGED_ROWS, False, RAGGED_DIM,
+                                     DOT_PRECISION)
+        for start_c in range(unmasked_end, end, BLOCK_C):
+            acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                                     OUT_ROWS, REDUCED, HEAD_DIM, PROBS_STRIDE, STRIDE_BS,
+                                     TRANSPOSE_A, IS_CAUSAL and not TRANSPOSE_A,
+                                     RAGGED_ROWS, REDUCED % BLOCK_C != 0, RAGGED_DIM,
+                                     DOT_PRECISION)
+
+    acc *= OUT_SCALE
+    out_ptrs = (out_ptr + batch * STRIDE_OB + out_head * STRIDE_OH
+                + rows[:, None] * STRIDE_OS + offs_d[None, :])
+    store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), rows, offs_d, OUT_ROWS, HEAD_DIM,
+               RAGGED_ROWS, RAGGED_DIM)

@@ -1,0 +1,175 @@
+"""Backward kernels: gradients against a float64 closed form, and JAX's transformations.
+
+On a CPU machine the backward kernels run in Triton's interpreter; with a CUDA GPU
+the same cases run compiled, and the GPU-only cases compare with jax.nn's gradients.
+Dispatch is the forward's: flash backward kernels up to 512-byte rows, the
+score-grads + GEMM kernels above. Cases sit on both sides.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jt_attention
+from jt_attention import interpret, plan, tuning
+from helpers import (DTYPES, TOLERANCE, attention_grads_float64, kernel_implementation,
+                     random_inputs, relative_error)
+
+IMPL = kernel_implementation()
+
+# (batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype, causal)
+CASES = [
+    # flash backward
+    (2, 37, 45, 4, 2, 64, "float16", False),     # grouped heads, q_len < kv_len
+    (1, 45, 37, 2, 2, 64, "float32", True),      # causal with q_len > kv_len
+    (1, 17, 1, 2, 2, 16, "float16", False),      # a single key
+    (2, 30, 20, 2, 1, 128, "bfloat16", True),
+    (1, 1, 97, 2, 2, 40, "float16", False),      # one query, head dim not a power of 2
+    (1, 33, 50, 2, 2, 256, "float16", True),     # largest flash head dim
+    # score grads + GEMMs
+    (1, 50, 33, 2, 2, 72, "float32", False),     # fp32 rows past 256 bytes
+    (1, 33, 50, 4, 2, 264, "float16", True),     # just past the flash boundary, grouped
+    (1, 20, 30, 2, 2, 512, "bfloat16", True),
+    (1, 17, 19, 2, 2, 1000, "float16", False),   # head dim not a multiple of the chunks
+]
+
+
+def _case_id(case):
+    b, sq, sk, n, k, d, dtype, causal = case
+    return f"b{b}-q{sq}-k{sk}-h{n}/{k}-d{d}-{dtype}{'-causal' if causal else ''}"
+
+
+def _gradient_error(grad, want):
+    """Relative error; absolute where the true gradient is zero (dq and dk with one key)."""
+    if not np.any(want):
+        grad = np.asarray(grad).astype(np.float64)
+        assert np.isfinite(grad).all(), "gradient has NaN or Inf"
+        return float(np.abs(grad).max())
+    return relative_error(grad, want)
+
+
+def _cotangent(shape, dtype):
+    return np.random.default_rng().standard_normal(shape).astype(DTYPES[dtype])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_gradients_match_float64(case):
+    batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype, causal = case
+    (q, k, v), seed = random_inputs(batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype)
+    dout = _cotangent(q.shape, dtype)
+    attend = lambda q, k, v: jt_attention.dot_product_attention(
+        q, k, v, is_causal=causal, implementation=IMPL)
+    _, vjp = jax.vjp(attend, q, k, v)
+    grads = vjp(jnp.asarray(dout))
+    expected = attention_grads_float64(q, k, v, dout, 1 / np.sqrt(head_dim), causal)
+    for name, grad, want, x in zip("qkv", grads, expected, (q, k, v)):
+        assert grad.shape == x.shape and grad.dtype == x.dtype, name
+        assert _gradient_error(grad, want) < TOLERANCE[dtype], f"d{name} {seed=}"
+
+
+@pytest.mark.parametrize("head_dim", [32, 320])
+def test_logsumexp_gradient(head_dim):
+    """return_residual's logsumexp is differentiable too, as in jax.nn."""
+    (q, k, v), seed = random_inputs(1, 21, 26, 2, 2, head_dim, "float32")
+    dout, dlse = _cotangent(q.shape, "float32"), _cotangent(q.shape[:3], "float32")
+    attend = lambda q, k, v: jt_attention.dot_product_attention(
+        q, k, v, is_causal=True, implementation=IMPL, return_residual=True)
+    _, vjp = jax.vjp(attend, q, k, v)
+    grads = vjp((jnp.asarray(dout), jnp.asarray(dlse)))
+    expected = attention_grads_float64(q, k, v, dout, 1 / np.sqrt(head_dim), True, dlse)
+    for name, grad, want in zip("qkv", grads, expected):
+        assert relative_error(grad, want) < TOLERANCE["float32"], f"d{name} {seed=}"
+
+
+@pytest.mark.parametrize("head_dim", [16, 72])  # fp32: flash, then score grads + GEMMs
+def test_check_grads(head_dim):
+    (q, k, v), _ = random_inputs(1, 5, 7, 2, 1, head_dim, "float32")
+    attend = lambda q, k, v: jt_attention.dot_product_attention(
+        q, k, v, is_causal=True, implementation=IMPL)
+    check_grads(attend, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def _loss(implementation, **kwargs):
+    def loss(q, k, v):
+        attend = lambda q, k, v: jt_attention.dot_product_attention(
+            q, k, v, implementation=implementation, **kwargs)
+        hidden = attend(q, k, v)
+        return jnp.sum(attend(hidden, k, v) ** 2)  # attention used twice
+    return loss
+
+
+@pytest.mark.parametrize("head_dim", [32, 288])
+def test_transformations(head_dim):
+    """jit of value_and_grad, remat, and a loss that uses attention twice."""
+    (q, k, v), seed = random_inputs(2, 19, 19, 2, 2, head_dim, "float32")
+    expected = jax.value_and_grad(_loss("xla", is_causal=True), argnums=(0, 1, 2))(q, k, v)
+    kernel_loss = _loss(IMPL, is_causal=True)
+    for transform in (lambda f: f, jax.checkpoint):
+        value, grads = jax.jit(jax.value_and_grad(transform(kernel_loss), argnums=(0, 1, 2)))(
+            q, k, v)
+        np.testing.assert_allclose(value, expected[0], rtol=1e-4, err_msg=f"{seed=}")
+        for grad, want in zip(grads, expected[1]):
+            assert relative_error(grad, np.asarray(want, np.float64)) < 1e-4, f"{seed=}"
+
+
+def test_forward_mode_raises():
+    (q, k, v), _ = random_inputs(1, 4, 4, 1, 1, 16, "float32")
+    attend = lambda q: jt_attention.dot_product_attention(q, k, v, implementation=IMPL)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(attend, (q,), (q,))
+
+
+@pytest.mark.skipif(IMPL != "interpret", reason="runs the GPU block sizes in the interpreter")
+@pytest.mark.parametrize("head_dim,causal", [(64, True), (256, False), (520, True)])
+def test_gpu_block_sizes_in_interpreter(head_dim, causal):
+    """Every shipped backward config, run by the interpreter on sequences that cross it."""
+    (q, k, v), seed = random_inputs(1, 150, 230, 2, 1, head_dim, "float16")
+    dout = _cotangent(q.shape, "float16")
+    problem = plan.Problem(1, 150, 230, 2, 1, head_dim, np.dtype(np.float16),
+                           1 / np.sqrt(head_dim), causal)
+    forward = interpret.run_interpreted(plan.forward_plan(problem), {"q": q, "k": k, "v": v})
+    arrays = {"q": q, "k": k, "v": v, "out": forward["out"], "lse": forward["lse"],
+              "dout": dout, "dlse": np.zeros_like(forward["lse"])}
+    launches = plan.backward_plan(problem)
+    expected = attention_grads_float64(q, k, v, dout, problem.scale, causal)
+    per_kernel = [tuning.fitting_configs(l.kernel, "9.0", 2, problem.block_d) for l in launches]
+    for i in range(max(map(len, per_kernel))):
+        blocks = {l.kernel.fn.__name__: configs[min(i, len(configs) - 1)].kwargs
+                  for l, configs in zip(launches, per_kernel)}
+        grads = interpret.run_interpreted(launches, arrays, blocks)
+        for name, want in zip(("dq", "dk", "dv"), expected):
+            assert relative_error(grads[name], want) < TOLERANCE["float16"], f"{seed=} {blocks=}"
+
+
+# (head_dim, dtype, causal, seq_q, seq_k): every backward kernel and dtype on the GPU, at
+# ragged lengths, against jax.nn's XLA gradients.
+GPU_SWEEP = [
+    (64, "float16", True, 777, 1537), (128, "bfloat16", False, 1000, 1000),
+    (256, "float16", True, 1537, 777), (64, "float32", False, 777, 1537),
+    (512, "float16", True, 1000, 1000), (1024, "bfloat16", False, 777, 1537),
+    (96, "float32", True, 1000, 1000),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(IMPL != "triton", reason="the slow sweep needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim,dtype,causal,seq_q,seq_k", GPU_SWEEP, ids=lambda x: str(x))
+def test_sweep_matches_jax_nn_on_gpu(head_dim, dtype, causal, seq_q, seq_k):
+    (q, k, v), seed = random_inputs(2, seq_q, seq_k, 4, 2, head_dim, dtype)
+    dout = jnp.asarray(_cotangent(q.shape, dtype))
+
+    def grads(implementation):
+        attend = lambda q, k, v: (jt_attention.dot_product_attention if implementation == IMPL
+                                  else jax.nn.dot_product_attention)(
+            q, k, v, is_causal=causal, implementation=implementation)
+        return jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](dout))(q, k, v)
+
+    with jax.default_matmul_precision("highest"):
+        expected = grads("xla")
+    reference = attention_grads_float64(q, k, v, np.asarray(dout), 1 / np.sqrt(head_dim), causal)
+    for name, got, theirs, want in zip("qkv", grads(IMPL), expected, reference):
+        ours_error = relative_error(got, want)
+        assert ours_error < TOLERANCE[dtype], f"d{name} {seed=}"
+        assert ours_error < 2 * relative_error(theirs, want) + 1e-5, f"d{name} {seed=}"
