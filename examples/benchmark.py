@@ -105,10 +105,13 @@ def _torch_bmm(q, k, v, dout, problem, mode):
         raise ValueError("torch_bmm covers num_kv_heads == num_heads only")
     b, t, n, h = q.shape
     s = k.shape[1]
-    to_heads = lambda x: dlpack.from_dlpack(x).permute(0, 2, 1, 3).reshape(b * n, -1, h).contiguous()
+    to_heads = lambda x: (dlpack.from_dlpack(x).permute(0, 2, 1, 3).reshape(b * n, -1, h)
+                          .contiguous())
     tq, tk, tv = to_heads(q), to_heads(k), to_heads(v)
     zero = torch.zeros(1, 1, 1, dtype=tq.dtype, device=tq.device)  # broadcast, beta=0
-    mask = torch.ones(t, s, dtype=torch.bool, device=tq.device).tril() if problem.is_causal else None
+    mask = None
+    if problem.is_causal:
+        mask = torch.ones(t, s, dtype=torch.bool, device=tq.device).tril()
 
     def forward(tq, tk, tv):
         scores = torch.baddbmm(zero, tq, tk.transpose(1, 2), beta=0.0, alpha=problem.scale)

@@ -143,7 +143,7 @@ def _log_once(message, level=logging.INFO):
 
 
 def resolve_implementation(implementation):
-    """What a call runs: `implementation` itself, or for None the machine's default (logged once)."""
+    """What a call runs: `implementation`, or for None the machine's default (logged once)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
     if implementation is not None:

@@ -1,4 +1,4 @@
-"""Runs the forward and backward plans through Triton's CPU interpreter, hosted in `jax.pure_callback`.
+"""Runs the forward and backward plans in Triton's CPU interpreter, inside `jax.pure_callback`.
 
 Triton picks the interpreter when a function is decorated, for its own standard
 library as much as for these kernels, so this path needs TRITON_INTERPRET=1 in

@@ -2,8 +2,9 @@
 
 Each kernel has 2 to 4 `triton.Config`s. Before a launch a `keep()` filter
 (Triton tutorial 06) prunes them to those whose shared memory fits the device, so
-a 99 KB part (RTX 4090, sm_89) never launches a config tuned for the H100's 227 KB. `tests/test_compile.py` compiles every kept config for
-sm_89 and sm_90 and checks the estimate below against the compiler's figure.
+a 99 KB part (RTX 4090, sm_89) never launches a config tuned for the H100's 227 KB.
+`tests/test_compile.py` compiles every kept config for sm_89 and sm_90 and checks
+the estimate below against the compiler's figure.
 
 jax-triton benchmarks the kept configs at the first execution of each jit lowering
 and keeps the fastest (GUIDE.md 3c); the autotune `key` plays no part there.

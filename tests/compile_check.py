@@ -1,4 +1,4 @@
-"""Compiles every shipped config of every kernel (forward and backward) for a GPU target, without a GPU.
+"""Compiles every shipped config of every forward and backward kernel for a GPU, without one.
 
 Run as a script (tests/test_compile.py does, in a process without TRITON_INTERPRET):
 prints one JSON line per compile with the compiler's shared memory, the estimate

@@ -114,6 +114,21 @@ def test_transformations(head_dim):
             assert relative_error(grad, np.asarray(want, np.float64)) < 1e-4, f"{seed=}"
 
 
+@pytest.mark.parametrize("head_dim", [64, 320])
+def test_heads_major_gradients(head_dim):
+    """Gradients through the [B, H, S, D] entry point come back in that layout."""
+    (q, k, v), seed = random_inputs(1, 23, 31, 2, 2, head_dim, "float32")
+    dout = _cotangent(q.shape, "float32")
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)
+    attend = lambda q, k, v: jt_attention.scaled_dot_product_attention(
+        q, k, v, is_causal=True, implementation=IMPL)
+    _, vjp = jax.vjp(attend, *map(heads_major, (q, k, v)))
+    grads = vjp(heads_major(dout))
+    expected = attention_grads_float64(q, k, v, dout, 1 / np.sqrt(head_dim), True)
+    for name, grad, want in zip("qkv", grads, expected):
+        assert relative_error(heads_major(grad), want) < TOLERANCE["float32"], f"d{name} {seed=}"
+
+
 def test_forward_mode_raises():
     (q, k, v), _ = random_inputs(1, 4, 4, 1, 1, 16, "float32")
     attend = lambda q: jt_attention.dot_product_attention(q, k, v, implementation=IMPL)

@@ -178,7 +178,8 @@ def _flash_query_grads_kernel(
     delta = (tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
              - load_rows(dlse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, 0.0))
     tl.store(delta_ptr + row_offset + rows, delta, mask=rows < SEQ_Q)
-    lse = load_rows(lse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, float("inf")) * 1.4426950408889634
+    lse = load_rows(lse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, float("inf"))
+    lse *= 1.4426950408889634  # log2(e): base-2 scores
     k_ptrs = (k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
               + offs_n[:, None] * STRIDE_KS + offs_d[None, :])
     v_ptrs = (v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH

@@ -174,7 +174,8 @@ def _weighted_values_kernel(
                                          TILE_N, IS_CAUSAL)
         row_sum += tile_sum * tl.math.exp2(tile_max - row_max)
 
-    probs_ptrs = probs_ptr + batch_head * SEQ_Q * PADDED_K + offs_m[:, None] * PADDED_K + offs_n[None, :]
+    probs_ptrs = (probs_ptr + batch_head * SEQ_Q * PADDED_K
+                  + offs_m[:, None] * PADDED_K + offs_n[None, :])
     v_ptrs = (v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH
               + offs_n[:, None] * STRIDE_VS + offs_d[None, :])
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
