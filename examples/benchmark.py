@@ -15,7 +15,8 @@ Implementations (--impls):
 already computed); fwd_bwd both, as a training step runs them. Backward FLOPs count
 as 2.5x the forward's.
 
-Each row gives the median ms, TFLOP/s (4*B*H*Sq*Sk*D, halved for causal) and the
+Each row gives the median ms, TFLOP/s (4*B*H*Sq*Sk*D, halved for causal), GB/s (the
+bytes of q, k, v and the output, each moved once: the memory floor of decoding) and the
 relative error against an fp32 reference (for gradients, the worst of dq, dk, dv).
 For fwd_bwd, temp_mb is XLA's count of the compiled step's scratch memory: what it
 allocates beyond its inputs (q, k, v, dout) and outputs (the gradients). An
@@ -44,13 +45,14 @@ flags.DEFINE_integer("head_dim", 1024, "head dim")
 flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "input dtype")
 flags.DEFINE_bool("causal", False, "causal mask (top-left aligned)")
 flags.DEFINE_list("impls", ["jt", "xla", "cudnn", "unfused", "torch_bmm"], "implementations")
-flags.DEFINE_enum("preset", None, ["issue2", "issue4"], "run a list of shapes instead of one")
+flags.DEFINE_enum("preset", None, ["issue2", "issue4", "decode"],
+                  "run a list of shapes instead of one")
 flags.DEFINE_enum("mode", "fwd", ["fwd", "bwd", "fwd_bwd"], "what to time")
 flags.DEFINE_integer("repeats", 7, "timed repeats; the median is reported")
 flags.DEFINE_float("min_repeat_ms", 50.0, "each repeat runs enough calls to last this long")
 flags.DEFINE_string("json", None, "write the rows here")
 
-# (batch, heads, q_len, kv_len, head_dim, causal)
+# (batch, heads, q_len, kv_len, head_dim, causal[, kv_heads])
 PRESETS = {
     "issue2": [
         (32, 32, 512, 512, 1024, False),   # the seed workload (KernelBench L1-97)
@@ -69,6 +71,15 @@ PRESETS = {
         (4, 32, 2048, 2048, 512, False),
     ],
 }
+PRESETS["decode"] = [  # split-KV: few query rows against long caches
+    (1, 32, 1, 4096, 128, False),
+    (1, 32, 1, 32768, 128, False),
+    (8, 32, 1, 32768, 128, False),
+    (8, 32, 1, 16384, 128, False, 8),   # grouped-query: 8 kv heads
+    (4, 32, 16, 16384, 128, False),
+    (2, 16, 4, 8192, 64, False),
+    (2, 16, 4, 8192, 64, True),         # top-left causal: 4 visible keys, launch-bound
+]
 FLOPS_PER_MODE = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # in forward FLOPs
 
 
@@ -222,8 +233,10 @@ def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, caus
                 ms, out, first_call_s = _time(run, jax.block_until_ready)
             err = _relative_error(out, ref)
             flops = problem.flops() * FLOPS_PER_MODE[mode]
+            io_bytes = sum(x.nbytes for x in (q, k, v, q))  # read q, k, v once, write out
             row.update(ms=ms, tflops=flops / ms / 1e9, rel_err=err, ok=bool(np.isfinite(err)),
-                       first_call_s=first_call_s, temp_mb=_scratch_mb(jitted))
+                       gbps=io_bytes / ms / 1e6, first_call_s=first_call_s,
+                       temp_mb=_scratch_mb(jitted))
         except Exception as e:  # recorded, not raised: one failing peer must not stop the run
             row.update(ms=float("nan"), tflops=float("nan"), rel_err=float("nan"), ok=False,
                        reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -239,7 +252,8 @@ def _shape_label(row):
 
 def _format(row):
     text = (f"{_shape_label(row):<46} {row['impl']:<10} {row['ms']:9.3f} ms "
-            f"{row['tflops']:7.1f} TFLOP/s err {row['rel_err']:.1e} "
+            f"{row['tflops']:7.1f} TFLOP/s {row.get('gbps', float('nan')):6.0f} GB/s "
+            f"err {row['rel_err']:.1e} "
             f"first call {row.get('first_call_s', float('nan')):5.1f} s")
     if not np.isnan(row.get("temp_mb", float("nan"))):
         text += f" temp {row['temp_mb']:.0f} MB"
@@ -256,8 +270,8 @@ def main(argv):
                    FLAGS.head_dim, FLAGS.causal)]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, mode {FLAGS.mode}")
     rows = []
-    for batch, heads, q_len, kv_len, head_dim, causal in shapes:
-        kv_heads = FLAGS.num_kv_heads or heads
+    for batch, heads, q_len, kv_len, head_dim, causal, *kv_heads in shapes:
+        kv_heads = kv_heads[0] if kv_heads else (FLAGS.num_kv_heads or heads)
         rows += benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal,
                                 FLAGS.impls, FLAGS.mode)
     print("\nsummary (ms; ratio = jt time / best peer time)")

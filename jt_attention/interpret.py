@@ -20,6 +20,8 @@ from jt_attention.plan import backward_plan, forward_plan
 INTERPRETER_SCORE_TILE_N = 32
 INTERPRETER_BLOCKS = {
     "_flash_forward_kernel": dict(BLOCK_M=32, BLOCK_N=16),
+    "_split_kv_kernel": dict(BLOCK_M=16, BLOCK_N=32),
+    "_split_kv_combine_kernel": dict(BLOCK_M=16),
     "_score_tiles_kernel": dict(BLOCK_M=32, BLOCK_K=32),
     "_weighted_values_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64),
     "_output_grad_dot_kernel": dict(BLOCK_M=16, BLOCK_D=64),

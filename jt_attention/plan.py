@@ -12,7 +12,7 @@ import triton
 
 from jt_attention import tuning
 from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
-                                  two_pass_backward, two_pass_forward)
+                                  split_kv_forward, two_pass_backward, two_pass_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,26 @@ class Problem:
         if self.heads_major:
             return heads * seq * d, d, seq * d
         return seq * heads * d, heads * d, d
+
+    @property
+    def kv_slices(self):
+        """(slice length, number of slices) for the split-KV forward, or None.
+
+        Decoding shapes only (few query rows, many keys), and only when the flash
+        kernel's one program per batch·head would leave the GPU idle."""
+        if (not self.uses_flash_kernel or self.seq_q > tuning.SPLIT_KV_MAX_Q
+                or self.seq_k < tuning.SPLIT_KV_MIN_K):
+            return None
+        row_blocks = triton.cdiv(self.num_heads // self.num_kv_heads * self.seq_q,
+                                 tuning.SPLIT_KV_BLOCK_M)
+        programs = self.batch * self.num_kv_heads * row_blocks
+        slices = min(triton.cdiv(tuning.SPLIT_KV_TARGET_PROGRAMS, programs),
+                     self.seq_k // tuning.SPLIT_KV_MIN_SLICE)
+        if slices < 2:
+            return None
+        granule = tuning.SPLIT_KV_GRANULE
+        slice_len = triton.cdiv(triton.cdiv(self.seq_k, slices), granule) * granule
+        return slice_len, triton.cdiv(self.seq_k, slice_len)
 
     def flops(self):
         """Forward matmul FLOPs, halved for causal (as the peers count them)."""
@@ -116,6 +136,26 @@ def _flash_plan(p):
                    grid, metaparams)]
 
 
+def _split_kv_plan(p):
+    slice_len, slices = p.kv_slices
+    batch_heads = p.batch * p.num_heads
+    split = Launch(
+        split_kv_forward._split_kv_kernel, ("q", "k", "v"),
+        (Buffer("partial_out", (batch_heads, slices, p.seq_q, p.block_d), np.dtype(np.float32)),
+         Buffer("partial_lse", (batch_heads, slices, p.seq_q), np.dtype(np.float32))),
+        lambda meta: (slices, triton.cdiv(p.num_heads // p.num_kv_heads * p.seq_q,
+                                          meta["BLOCK_M"]), p.batch * p.num_kv_heads),
+        dict(SCALE=p.scale, BLOCK_D=p.block_d, SPLIT_LEN=slice_len, NUM_SPLITS=slices,
+             **_common_constexprs(p), **_stride_constexprs(p, "Q", "K", "V")))
+    combine = Launch(
+        split_kv_forward._split_kv_combine_kernel, ("partial_out", "partial_lse"),
+        _output_buffers(p),
+        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
+        dict(SEQ_Q=p.seq_q, NUM_HEADS=p.num_heads, HEAD_DIM=p.head_dim, BLOCK_D=p.block_d,
+             NUM_SPLITS=slices, **_stride_constexprs(p, "O")))
+    return [split, combine]
+
+
 def _two_pass_plan(p, tile_n):
     num_tiles = triton.cdiv(p.seq_k, tile_n)
     batch_heads = p.batch * p.num_heads
@@ -139,6 +179,8 @@ def _two_pass_plan(p, tile_n):
 
 def forward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
     """The launches of the forward pass; the last one writes `out` and `lse`."""
+    if p.kv_slices:
+        return _split_kv_plan(p)
     if p.uses_flash_kernel:
         return _flash_plan(p)
     return _two_pass_plan(p, score_tile_n)

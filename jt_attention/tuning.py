@@ -13,7 +13,7 @@ and keeps the fastest (GUIDE.md 3c); the autotune `key` plays no part there.
 import triton
 
 from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
-                                  two_pass_backward, two_pass_forward)
+                                  split_kv_forward, two_pass_backward, two_pass_forward)
 
 KIB = 1024
 # Shared memory per block, by compute capability. Unknown parts get the smallest.
@@ -24,6 +24,18 @@ SMALLEST_SHARED_MEMORY_BYTES = 99 * KIB
 # Width of the score tiles of the two-pass kernels: the tile statistics are laid
 # out per TILE_N keys, so both launches must agree on it and it is not autotuned.
 SCORE_TILE_N = 128
+
+# Split-KV (decoding): up to this many query rows and from this many keys, the flash
+# forward would run one program per batch·head; the keys are cut into slices of a
+# multiple of SPLIT_KV_GRANULE (every BLOCK_N divides it), enough of them for about
+# SPLIT_KV_TARGET_PROGRAMS programs (4 per SM on a 132-SM H100), and no slice shorter
+# than SPLIT_KV_MIN_SLICE keys, where the combine step would start to cost more.
+SPLIT_KV_MAX_Q = 16
+SPLIT_KV_BLOCK_M = 16  # rows per split-KV program: (query head of a KV group, query) pairs
+SPLIT_KV_MIN_K = 1024
+SPLIT_KV_GRANULE = 128
+SPLIT_KV_MIN_SLICE = 256
+SPLIT_KV_TARGET_PROGRAMS = 528
 
 # Flash kernel: the whole head dim sits in one tile, so it serves head dims up to
 # this (by itemsize); wider rows take the two-pass kernels, whose shared memory
@@ -46,6 +58,15 @@ FLASH_CONFIGS = [
     _config(4, 3, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 64; causal 128
     _config(8, 2, BLOCK_M=128, BLOCK_N=64),   # H100: head dim 256; 99 KB parts: head dim <= 128
     _config(4, 2, BLOCK_M=64, BLOCK_N=32),    # 99 KB parts: 512-byte rows (256 fp16, 128 fp32)
+]
+SPLIT_KV_CONFIGS = [  # BLOCK_M 16: the smallest tl.dot tile
+    _config(4, 3, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=128),
+    _config(4, 3, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=64),
+    _config(4, 2, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=32),  # 99 KB parts: head dim 256, fp32
+]
+SPLIT_KV_COMBINE_CONFIGS = [
+    _config(4, 1, BLOCK_M=16),
+    _config(2, 1, BLOCK_M=16),
 ]
 SCORE_TILES_CONFIGS = [
     _config(8, 3, BLOCK_M=128, BLOCK_K=64),   # H100: seed workload
@@ -71,6 +92,11 @@ def _flash_shared_bytes(config, block_d, itemsize):
     rows = blocks["BLOCK_M"] + 2 * blocks["BLOCK_N"] * config.num_stages
     return (rows * block_d * itemsize
             + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_N"], itemsize))
+
+
+def _combine_shared_bytes(config, block_d, itemsize):
+    del block_d, itemsize
+    return 8 * config.kwargs["BLOCK_M"]  # elementwise; at most per-row values change layout
 
 
 def _score_tiles_shared_bytes(config, block_d, itemsize):
@@ -163,6 +189,8 @@ def _probs_matmul_shared_bytes(config, block_d, itemsize):
 # kernel -> (candidate configs, shared-memory estimate in bytes)
 KERNEL_TUNING = {
     flash_forward._flash_forward_kernel: (FLASH_CONFIGS, _flash_shared_bytes),
+    split_kv_forward._split_kv_kernel: (SPLIT_KV_CONFIGS, _flash_shared_bytes),
+    split_kv_forward._split_kv_combine_kernel: (SPLIT_KV_COMBINE_CONFIGS, _combine_shared_bytes),
     two_pass_forward._score_tiles_kernel: (SCORE_TILES_CONFIGS, _score_tiles_shared_bytes),
     two_pass_forward._weighted_values_kernel:
         (WEIGHTED_VALUES_CONFIGS, _weighted_values_shared_bytes),

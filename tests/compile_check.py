@@ -18,9 +18,12 @@ from jt_attention import plan, tuning
 
 TARGETS = {"8.9": 89, "9.0": 90}
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
-# (dtype, head_dim, causal): each kernel, each dtype, both sides of the dispatch boundary.
-PROBLEMS = [("float16", 64, True), ("bfloat16", 256, False), ("float32", 64, True),
-            ("float16", 1024, True), ("bfloat16", 520, False), ("float32", 72, False)]
+# (dtype, head_dim, causal, seq_q, seq_k): each kernel, each dtype, every side of the
+# dispatch (flash, split-KV for decoding shapes, two-pass).
+PROBLEMS = [("float16", 64, True, 300, 257), ("bfloat16", 256, False, 300, 257),
+            ("float32", 64, True, 300, 257), ("float16", 1024, True, 300, 257),
+            ("bfloat16", 520, False, 300, 257), ("float32", 72, False, 300, 257),
+            ("float16", 256, False, 1, 4096), ("float32", 64, True, 16, 2048)]
 
 
 def compile_launch(launch, buffer_dtypes, config, compute_capability):
@@ -40,8 +43,8 @@ def compile_launch(launch, buffer_dtypes, config, compute_capability):
 
 
 def main():
-    for dtype, head_dim, causal in PROBLEMS:
-        problem = plan.Problem(2, 300, 257, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
+    for dtype, head_dim, causal, seq_q, seq_k in PROBLEMS:
+        problem = plan.Problem(2, seq_q, seq_k, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
         launches = plan.forward_plan(problem) + plan.backward_plan(problem)
         buffer_dtypes = {name: problem.dtype for name in ("q", "k", "v", "dout")}
         buffer_dtypes["dlse"] = np.dtype(np.float32)

@@ -28,6 +28,7 @@ CASES = [
     (2, 30, 20, 2, 1, 128, "bfloat16", True),
     (1, 1, 97, 2, 2, 40, "float16", False),      # one query, head dim not a power of 2
     (1, 33, 50, 2, 2, 256, "float16", True),     # largest flash head dim
+    (1, 5, 1100, 4, 2, 64, "float16", False),    # decoding shape: split-KV forward
     # score grads + GEMMs
     (1, 50, 33, 2, 2, 72, "float32", False),     # fp32 rows past 256 bytes
     (1, 33, 50, 4, 2, 264, "float16", True),     # just past the flash boundary, grouped

@@ -43,14 +43,18 @@ def test_shared_memory_fits_and_estimate_is_an_upper_bound(compiled, target):
         assert row["shared"] <= row["estimate"], row
 
 
+NO_MATMUL = {"_output_grad_dot_kernel", "_split_kv_combine_kernel"}  # row reductions
+SIXTEEN_ROW_TILES = {"_split_kv_kernel"}  # decoding: wgmma needs 64-row tiles; mma it is
+
+
 def test_tensor_cores_used(compiled):
     """Every matmul kernel uses mma on sm_89; on sm_90 each has wgmma configs (tiles of
-    fewer than 64 rows, kept for 99 KB parts, fall back to mma there)."""
+    fewer than 64 rows, kept for 99 KB parts or decoding, fall back to mma there)."""
     wgmma = collections.defaultdict(bool)
     for row in compiled:
-        if row["kernel"] == "_output_grad_dot_kernel":  # a row reduction, no matmul
+        if row["kernel"] in NO_MATMUL:
             assert row["tensor_cores"] == "none", row
-        elif row["target"] == "8.9":
+        elif row["target"] == "8.9" or row["kernel"] in SIXTEEN_ROW_TILES:
             assert row["tensor_cores"] == "mma", row
         else:
             assert row["tensor_cores"] in ("wgmma", "mma"), row
@@ -61,9 +65,10 @@ def test_tensor_cores_used(compiled):
 @pytest.mark.parametrize("compute_capability", ["8.9", "9.0"])
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256, 512, 1024])
-def test_every_problem_keeps_a_config(compute_capability, itemsize, head_dim):
-    problem = plan.Problem(1, 100, 100, 2, 2, head_dim, {2: "float16", 4: "float32"}[itemsize],
-                           0.1, False)
+@pytest.mark.parametrize("seq_q,seq_k", [(100, 100), (1, 4096)])
+def test_every_problem_keeps_a_config(compute_capability, itemsize, head_dim, seq_q, seq_k):
+    problem = plan.Problem(1, seq_q, seq_k, 2, 2, head_dim,
+                           {2: "float16", 4: "float32"}[itemsize], 0.1, False)
     for launch in plan.forward_plan(problem) + plan.backward_plan(problem):
         assert tuning.fitting_configs(launch.kernel, compute_capability, itemsize,
                                       problem.block_d)
@@ -72,9 +77,9 @@ def test_every_problem_keeps_a_config(compute_capability, itemsize, head_dim):
 def test_every_config_is_kept_somewhere():
     """No dead config: each fits at least one supported device for some problem."""
     kept = collections.defaultdict(set)
-    for cc, itemsize, head_dim in itertools.product(("8.9", "9.0"), (2, 4),
-                                                    (16, 64, 128, 256, 1024)):
-        problem = plan.Problem(1, 100, 100, 2, 2, head_dim,
+    for cc, itemsize, head_dim, seq_q in itertools.product(("8.9", "9.0"), (2, 4),
+                                                           (16, 64, 128, 256, 1024), (1, 100)):
+        problem = plan.Problem(1, seq_q, 4096, 2, 2, head_dim,
                                {2: "float16", 4: "float32"}[itemsize], 0.1, False)
         for launch in plan.forward_plan(problem) + plan.backward_plan(problem):
             kept[launch.kernel].update(

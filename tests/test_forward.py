@@ -2,8 +2,9 @@
 
 On a CPU machine the kernels run in Triton's interpreter (implementation='interpret');
 with a CUDA GPU the same cases run compiled (implementation='triton').
-Dispatch: the flash kernel takes rows of <= 512 bytes (head dim <= 256 in fp16/bf16,
-<= 128 in fp32); wider rows take the two-pass kernels. Cases sit on both sides.
+Dispatch: the flash kernel takes head dim <= 256 in fp16/bf16 (<= 64 in fp32), and
+decoding shapes among those (<= 16 queries, >= 1024 keys) take the split-KV kernels;
+wider heads take the two-pass kernels. Cases sit on every side.
 """
 
 import jax
@@ -30,6 +31,11 @@ CASES = [
     (1, 33, 70, 2, 2, 256, "bfloat16", False),
     (1, 60, 50, 2, 2, 128, "float32", True),     # largest flash head dim in fp32
     (1, 45, 45, 3, 3, 24, "float32", False),
+    # split-KV (decoding: <= 16 queries, >= 1024 keys), then the combine kernel
+    (1, 1, 1100, 8, 2, 64, "float16", False),    # 4 query heads per kv head
+    (2, 5, 1500, 2, 2, 128, "bfloat16", True),
+    (1, 16, 2049, 2, 1, 40, "float32", False),
+    (1, 3, 1030, 2, 2, 256, "float16", True),
     # two-pass kernels
     (1, 50, 61, 2, 2, 264, "float16", True),     # just past the flash boundary
     (1, 61, 50, 2, 1, 136, "float32", False),    # fp32 rows past 512 bytes
@@ -91,12 +97,13 @@ def test_unbatched_input():
 
 
 @pytest.mark.skipif(IMPL != "interpret", reason="runs the GPU block sizes in the interpreter")
-@pytest.mark.parametrize("head_dim,causal", [(64, True), (128, False), (512, True),
-                                             (1024, False)])
-def test_gpu_block_sizes_in_interpreter(head_dim, causal):
+@pytest.mark.parametrize("head_dim,causal,seq_q,seq_k", [
+    (64, True, 200, 300), (128, False, 200, 300), (512, True, 200, 300),
+    (1024, False, 200, 300), (128, False, 7, 1100)])  # the last one: split-KV
+def test_gpu_block_sizes_in_interpreter(head_dim, causal, seq_q, seq_k):
     """Every shipped H100 config, run by the interpreter on sequences that cross its blocks."""
-    (q, k, v), seed = random_inputs(1, 200, 300, 2, 2, head_dim, "float16")
-    problem = plan.Problem(1, 200, 300, 2, 2, head_dim, np.dtype(np.float16),
+    (q, k, v), seed = random_inputs(1, seq_q, seq_k, 2, 2, head_dim, "float16")
+    problem = plan.Problem(1, seq_q, seq_k, 2, 2, head_dim, np.dtype(np.float16),
                            1 / np.sqrt(head_dim), causal)
     launches = plan.forward_plan(problem)
     ref, _ = attention_float64(q, k, v, problem.scale, causal)
@@ -117,6 +124,7 @@ GPU_SWEEP = [
     (320, "float16", True, 777, 1537), (512, "bfloat16", False, 1537, 777),
     (1024, "float16", True, 1000, 1000), (1024, "bfloat16", False, 1, 4099),
     (72, "float32", True, 1000, 1000), (640, "float32", False, 777, 1537),
+    (128, "float16", False, 1, 32771), (64, "bfloat16", True, 16, 8193),  # split-KV, GQA
 ]
 
 

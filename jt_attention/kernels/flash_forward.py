@@ -36,10 +36,12 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, offs_m, off
         if IS_CAUSAL:  # top-left aligned, as in jax.nn: key j is visible to query i iff j <= i
             visible = visible & (cols[None, :] <= offs_m[:, None])
         scores = tl.where(visible, scores, float("-inf"))
-    # Every real row sees key 0 in its first block, so new_max is finite from then on.
     new_max = tl.maximum(row_max, tl.max(scores, 1))
-    probs = tl.math.exp2(scores - new_max[:, None])
-    rescale = tl.math.exp2(row_max - new_max)
+    # A row that has seen no key yet (possible in a split-KV slice) keeps max -inf;
+    # exponents are then taken from 0 so that they stay exp2(-inf) = 0, never NaN.
+    exp_base = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.math.exp2(scores - exp_base[:, None])
+    rescale = tl.math.exp2(row_max - exp_base)
     row_sum = row_sum * rescale + tl.sum(probs, 1)
     v = load_tile(v_ptrs + start_n * STRIDE_VS, cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)

@@ -1,0 +1,128 @@
+"""Split-KV forward for decoding shapes: few query rows, long key/value sequences.
+
+With q_len 1 to 16 the flash kernel has one program per (batch, head), too few to
+fill the GPU (32 programs for batch 1, 32 heads, on 132 SMs). Here the keys are cut
+into SPLIT_LEN slices, one program per (slice, row block, batch·kv head), each running
+the flash kernel's online softmax over its slice; a combine kernel then merges the
+slices' partial outputs by their logsumexps (FlashDecoding). Partials are fp32.
+
+The rows of a program are (query head of the KV group, query) pairs, so the query
+heads that share a KV head read each K/V tile once, not once per head (GQA decoding).
+"""
+
+import triton
+import triton.language as tl
+
+from jt_attention.kernels.flash_forward import _attend_block
+from jt_attention.kernels.tiles import load_tile, store_tile
+
+
+@triton.jit
+def _split_kv_kernel(
+    q_ptr, k_ptr, v_ptr, partial_out_ptr, partial_lse_ptr,
+    SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE_QB: tl.constexpr, STRIDE_QS: tl.constexpr, STRIDE_QH: tl.constexpr,
+    STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
+    STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """grid = (NUM_SPLITS, cdiv(KV_GROUP * SEQ_Q, BLOCK_M), batch * NUM_KV_HEADS).
+
+    partial_out: [batch * NUM_HEADS, NUM_SPLITS, SEQ_Q, BLOCK_D] fp32, normalised per slice.
+    partial_lse: [batch * NUM_HEADS, NUM_SPLITS, SEQ_Q] fp32, natural log; -inf for a
+    row that sees no key of the slice (causal). SPLIT_LEN is a multiple of BLOCK_N.
+    """
+    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP
+    ROWS: tl.constexpr = KV_GROUP * SEQ_Q
+    split = tl.program_id(0)
+    batch = tl.program_id(2) // NUM_KV_HEADS
+    kv_head = tl.program_id(2) % NUM_KV_HEADS
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = kv_head * KV_GROUP + rows // SEQ_Q
+    query = rows % SEQ_Q
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = (q_ptr + batch * STRIDE_QB + head[:, None] * STRIDE_QH
+              + query[:, None] * STRIDE_QS + offs_d[None, :])
+    k_ptrs = (k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
+              + offs_n[:, None] * STRIDE_KS + offs_d[None, :])
+    v_ptrs = (v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
+              + offs_n[:, None] * STRIDE_VS + offs_d[None, :])
+    RAGGED_ROWS: tl.constexpr = ROWS % BLOCK_M != 0
+    q = load_tile(q_ptrs, rows, offs_d, ROWS, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e)
+    start = split * SPLIT_LEN
+    end = min(start + SPLIT_LEN, SEQ_K)
+    if IS_CAUSAL:  # query i sees keys 0..i: few, so every block is masked, beyond them none run
+        end = min(end, SEQ_Q)
+        unmasked_end = start
+    else:  # whole blocks unmasked; only the last slice can end in a ragged block
+        unmasked_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for start_n in range(start, unmasked_end, BLOCK_N):
+        acc, row_sum, row_max = _attend_block(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, query, offs_n, offs_d,
+            SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE, IS_CAUSAL,
+            False, False, DOT_PRECISION)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        acc, row_sum, row_max = _attend_block(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, query, offs_n, offs_d,
+            SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE, IS_CAUSAL,
+            True, SEQ_K % BLOCK_N != 0, DOT_PRECISION)
+
+    seen = row_sum > 0
+    acc = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, float("-inf"))
+    partial = ((batch * NUM_HEADS + head) * NUM_SPLITS + split) * SEQ_Q + query
+    store_tile(partial_out_ptr + partial[:, None] * BLOCK_D + offs_d[None, :], acc, rows, offs_d,
+               ROWS, BLOCK_D, RAGGED_ROWS, False)
+    tl.store(partial_lse_ptr + partial, lse, mask=rows < ROWS)
+
+
+@triton.jit
+def _split_kv_combine_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
+    SEQ_Q: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) out_s with lse = log sum_s exp(lse_s);
+    grid = (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS). Slice 0 holds key 0, which
+    every row sees, so lse is finite for every real row."""
+    batch_head = tl.program_id(1)
+    batch = batch_head // NUM_HEADS
+    head = batch_head % NUM_HEADS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_rows = offs_m < SEQ_Q
+    lse_ptrs = partial_lse_ptr + batch_head * NUM_SPLITS * SEQ_Q + offs_m
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for split in range(NUM_SPLITS):
+        row_max = tl.maximum(row_max, tl.load(lse_ptrs + split * SEQ_Q, mask=in_rows,
+                                              other=float("-inf")))
+    row_max = tl.where(in_rows, row_max, 0.0)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    out_ptrs = (partial_out_ptr + (batch_head * NUM_SPLITS * SEQ_Q + offs_m[:, None]) * BLOCK_D
+                + offs_d[None, :])
+    for split in range(NUM_SPLITS):
+        weight = tl.exp(tl.load(lse_ptrs + split * SEQ_Q, mask=in_rows, other=float("-inf"))
+                        - row_max)
+        row_sum += weight
+        partial = load_tile(out_ptrs + split * SEQ_Q * BLOCK_D, offs_m, offs_d, SEQ_Q, BLOCK_D,
+                            SEQ_Q % BLOCK_M != 0, False)
+        acc += weight[:, None] * partial
+    row_sum = tl.where(in_rows, row_sum, 1.0)
+    acc = acc / row_sum[:, None]
+    store_tile(out_ptr + batch * STRIDE_OB + head * STRIDE_OH + offs_m[:, None] * STRIDE_OS
+               + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q,
+               HEAD_DIM, SEQ_Q % BLOCK_M != 0, BLOCK_D != HEAD_DIM)
+    tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, row_max + tl.log(row_sum), mask=in_rows)
