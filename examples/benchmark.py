@@ -70,16 +70,17 @@ PRESETS = {
         (8, 16, 2048, 2048, 256, False),
         (4, 32, 2048, 2048, 512, False),
     ],
+    "decode": [  # split-KV: few query rows against long caches
+        (1, 32, 1, 4096, 128, False),
+        (1, 32, 1, 32768, 128, False),
+        (8, 32, 1, 32768, 128, False),
+        (8, 32, 1, 16384, 128, False, 8),   # grouped-query: 8 kv heads
+        (4, 32, 16, 16384, 128, False),
+        (2, 16, 4, 8192, 64, False),
+        (2, 16, 4, 8192, 64, True),         # top-left causal: 4 visible keys, launch-bound
+    ],
 }
-PRESETS["decode"] = [  # split-KV: few query rows against long caches
-    (1, 32, 1, 4096, 128, False),
-    (1, 32, 1, 32768, 128, False),
-    (8, 32, 1, 32768, 128, False),
-    (8, 32, 1, 16384, 128, False, 8),   # grouped-query: 8 kv heads
-    (4, 32, 16, 16384, 128, False),
-    (2, 16, 4, 8192, 64, False),
-    (2, 16, 4, 8192, 64, True),         # top-left causal: 4 visible keys, launch-bound
-]
+
 FLOPS_PER_MODE = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # in forward FLOPs
 
 
