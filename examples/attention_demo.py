@@ -1,4 +1,5 @@
-"""One attention call on whatever backend is here; checks itself against the reference.
+"""One attention call and its gradient on whatever backend is here; checks both against
+the fp32 reference.
 
     python examples/attention_demo.py                    # Triton on a CUDA GPU, else XLA
     python examples/attention_demo.py --implementation=interpret --head_dim=512
@@ -56,8 +57,21 @@ def main(argv):
           f"{' causal' if FLAGS.causal else ''}")
     print(f"first call (trace, compile, autotune): {first_call:.2f} s; "
           f"second call: {second_call * 1e3:.3f} ms; relative error vs fp32 reference: {error:.2e}")
-    if not error < TOLERANCE[FLAGS.dtype]:
-        sys.exit(f"error {error:.2e} is above the {FLAGS.dtype} tolerance {TOLERANCE[FLAGS.dtype]}")
+
+    # The backward kernels: gradients of <out, dout> for a random dout.
+    dout = jax.random.normal(keys[0], shape, jnp.dtype(FLAGS.dtype))
+    grads = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](dout))(q, k, v)
+    reference_attend = lambda q, k, v: jt_attention.attention_reference(
+        q, k, v, is_causal=FLAGS.causal)[0]
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, dout)]
+    expected = jax.vjp(reference_attend, *upcast[:3])[1](upcast[3])
+    grad_error = max(np.linalg.norm(np.asarray(g, np.float64) - np.asarray(e, np.float64))
+                     / np.linalg.norm(np.asarray(e, np.float64)) for g, e in zip(grads, expected))
+    print(f"gradients (dq, dk, dv): worst relative error vs fp32 reference: {grad_error:.2e}")
+    for name, value in (("output", error), ("gradient", grad_error)):
+        if not value < TOLERANCE[FLAGS.dtype]:
+            sys.exit(f"{name} error {value:.2e} is above the {FLAGS.dtype} tolerance "
+                     f"{TOLERANCE[FLAGS.dtype]}")
 
 
 if __name__ == "__main__":
