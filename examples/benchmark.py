@@ -2,6 +2,7 @@
 
     python examples/benchmark.py --batch 32 --num_heads 32 --q_len 512 --head_dim 1024
     python examples/benchmark.py --preset issue2 --json results.json
+    python examples/benchmark.py --preset issue3_common --dtype bfloat16
     python examples/benchmark.py --preset issue4 --mode fwd_bwd
 
 Implementations (--impls):
@@ -45,7 +46,7 @@ flags.DEFINE_integer("head_dim", 1024, "head dim")
 flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "input dtype")
 flags.DEFINE_bool("causal", False, "causal mask (top-left aligned)")
 flags.DEFINE_list("impls", ["jt", "xla", "cudnn", "unfused", "torch_bmm"], "implementations")
-flags.DEFINE_enum("preset", None, ["issue2", "issue4", "decode"],
+flags.DEFINE_enum("preset", None, ["issue2", "issue3_large", "issue3_common", "issue4", "decode"],
                   "run a list of shapes instead of one")
 flags.DEFINE_enum("mode", "fwd", ["fwd", "bwd", "fwd_bwd"], "what to time")
 flags.DEFINE_integer("repeats", 7, "timed repeats; the median is reported")
@@ -62,6 +63,16 @@ PRESETS = {
         (8, 16, 2048, 2048, 256, False),
         (4, 32, 2048, 2048, 512, False),
         (4, 32, 2048, 2048, 1024, False),
+    ],
+    "issue3_large": [  # head dims no fused peer supports; S=8192 at a similar FLOP count
+        (32, 32, 512, 512, 1024, False),
+        *[(b, h, s, s, d, c) for b, h, s in ((4, 32, 2048), (1, 16, 8192))
+          for d in (512, 1024) for c in (False, True)],
+    ],
+    "issue3_common": [  # head dims cuDNN supports
+        *[(b, 16, s, s, d, c) for s, d, b in ((2048, 64, 16), (2048, 128, 16), (2048, 256, 8),
+                                             (8192, 64, 4), (8192, 128, 4), (8192, 256, 2))
+          for c in (False, True)],
     ],
     "issue4": [
         (32, 32, 512, 512, 1024, False),

@@ -1,14 +1,20 @@
 """Block sizes and autotuning for every kernel, in one place.
 
-Each kernel has 2 to 4 `triton.Config`s. Before a launch a `keep()` filter
-(Triton tutorial 06) prunes them to those whose shared memory fits the device, so
-a 99 KB part (RTX 4090, sm_89) never launches a config tuned for the H100's 227 KB.
-`tests/test_compile.py` compiles every kept config for sm_89 and sm_90 and checks
-the estimate below against the compiler's figure.
+Each kernel has two lists of 1 to 4 `triton.Config`s: `h100`, each of them the
+measured winner on at least one benchmark shape on the H100 (WORKSPACE_NOTES.md,
+"Autotuning"), and `small_parts`, sized for 99 KB of shared memory (RTX 4090, sm_89;
+compile-checked only, as no such card is here). Before a launch a `keep()` filter
+(Triton tutorial 06) prunes them per device: parts with more than 99 KB try the
+fitting `h100` configs, and fall back to `small_parts` where none fits (fp32
+operands, say); 99 KB parts try only `small_parts`. `tests/test_compile.py` compiles
+every kept config for sm_89 and sm_90 and checks the estimate below against the
+compiler's figure.
 
 jax-triton benchmarks the kept configs at the first execution of each jit lowering
 and keeps the fastest (GUIDE.md 3c); the autotune `key` plays no part there.
 """
+
+from typing import Callable, NamedTuple
 
 import triton
 
@@ -23,7 +29,8 @@ SMALLEST_SHARED_MEMORY_BYTES = 99 * KIB
 
 # Width of the score tiles of the two-pass kernels: the tile statistics are laid
 # out per TILE_N keys, so both launches must agree on it and it is not autotuned.
-SCORE_TILE_N = 128
+# 256 beat 128 on 8 of 9 large-head-dim shapes on the H100 (-3% on the seed workload).
+SCORE_TILE_N = 256
 
 # Split-KV (decoding): up to this many query rows and from this many keys, the flash
 # forward would run one program per batch·head; the keys are cut into slices of a
@@ -52,38 +59,44 @@ def _config(num_warps, num_stages, **blocks):
     return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
 
 
-# Each config is the measured winner for the shapes in its comment (WORKSPACE_NOTES.md).
-FLASH_CONFIGS = [
-    _config(8, 3, BLOCK_M=128, BLOCK_N=128),  # H100: head dim 128, non-causal
-    _config(4, 3, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 64; causal 128
-    _config(8, 2, BLOCK_M=128, BLOCK_N=64),   # H100: head dim 256; 99 KB parts: head dim <= 128
-    _config(4, 2, BLOCK_M=64, BLOCK_N=32),    # 99 KB parts: 512-byte rows (256 fp16, 128 fp32)
-]
-SPLIT_KV_CONFIGS = [  # BLOCK_M 16: the smallest tl.dot tile
-    _config(4, 3, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=128),
-    _config(4, 3, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=64),
-    _config(4, 2, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=32),  # 99 KB parts: head dim 256, fp32
-]
-SPLIT_KV_COMBINE_CONFIGS = [
-    _config(4, 1, BLOCK_M=16),
-    _config(2, 1, BLOCK_M=16),
-]
-SCORE_TILES_CONFIGS = [
-    _config(8, 3, BLOCK_M=128, BLOCK_K=64),   # H100: seed workload
-    _config(4, 3, BLOCK_M=128, BLOCK_K=64),   # H100: head dim 512
-    _config(4, 3, BLOCK_M=64, BLOCK_K=32),    # 99 KB parts, any dtype
-]
-WEIGHTED_VALUES_CONFIGS = [
-    _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=256),  # H100: seed workload, head dim 512
-    _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_D=256),   # H100: fewer rows per program
-    _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128),  # 99 KB parts
-    _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128),   # 99 KB parts, fp32
-]
+# Comments name the shapes each H100 config wins (WORKSPACE_NOTES.md, "Autotuning").
+FLASH = dict(
+    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=128),   # head dim 128, non-causal
+          _config(4, 3, BLOCK_M=64, BLOCK_N=64),     # head dim 64; causal 128 at S=8192
+          _config(8, 2, BLOCK_M=128, BLOCK_N=64),    # head dim 256
+          _config(8, 3, BLOCK_M=128, BLOCK_N=64)],   # causal 128 at S=2048; 64 at S=8192
+    small_parts=[_config(8, 2, BLOCK_M=128, BLOCK_N=64),   # head dim <= 128
+                 _config(4, 2, BLOCK_M=64, BLOCK_N=32)],   # 512-byte rows (256 fp16, 128 fp32)
+)
+SPLIT_KV = dict(  # BLOCK_M 16: the smallest tl.dot tile
+    h100=[_config(4, 3, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=128),   # 8 x 32 x 32768 keys
+          _config(4, 3, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=64),    # 2 x 16 x 4 x 8192, D 64
+          _config(4, 2, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=32)],   # the other five decode shapes
+    small_parts=[_config(4, 2, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=64),
+                 _config(4, 2, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=32)],  # head dim 256, fp32
+)
+SPLIT_KV_COMBINE = dict(
+    h100=[_config(4, 1, BLOCK_M=16),    # six of seven decode shapes (ties within 1%)
+          _config(2, 1, BLOCK_M=16)],   # 1 x 32 x 4096 keys
+    small_parts=[_config(4, 1, BLOCK_M=16)],
+)
+SCORE_TILES = dict(
+    h100=[_config(8, 4, BLOCK_M=128, BLOCK_K=64),    # seed; head dims 512 and 1024 (7 shapes)
+          _config(8, 3, BLOCK_M=128, BLOCK_K=64)],   # S=8192: head dim 512, causal 1024
+    small_parts=[_config(4, 3, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
+                 _config(4, 3, BLOCK_M=64, BLOCK_K=16)],   # fp32
+)
+WEIGHTED_VALUES = dict(
+    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=256),   # 8 of 9 large shapes
+          _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128)],  # 4 x 32 x 2048, causal 512
+    small_parts=[_config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128),
+                 _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128)],  # fp32
+)
 
 
-def _fp32_staging_bytes(rows, inner_block, itemsize):
+def _fp32_staging_bytes(rows, inner_block, itemsize, copies=2):
     """fp32 (3xTF32) dots stage an operand tile through shared memory; 16-bit dots do not."""
-    return 2 * rows * inner_block * itemsize if itemsize == 4 else 0
+    return copies * rows * inner_block * itemsize if itemsize == 4 else 0
 
 
 def _flash_shared_bytes(config, block_d, itemsize):
@@ -104,7 +117,8 @@ def _score_tiles_shared_bytes(config, block_d, itemsize):
     blocks = config.kwargs
     pipeline = (blocks["BLOCK_M"] + SCORE_TILE_N) * blocks["BLOCK_K"] * config.num_stages
     return (pipeline * itemsize
-            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
+            # three copies at TILE_N 256 on sm_90 (compiler's figure)
+            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize, copies=3))
 
 
 def _weighted_values_shared_bytes(config, block_d, itemsize):
@@ -116,36 +130,39 @@ def _weighted_values_shared_bytes(config, block_d, itemsize):
             + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_N"], itemsize))
 
 
-OUTPUT_GRAD_DOT_CONFIGS = [
-    _config(4, 1, BLOCK_M=32, BLOCK_D=128),   # H100: seed workload, head dim 512 (memory-bound)
-    _config(4, 1, BLOCK_M=64, BLOCK_D=64),    # H100: second, within 8%
-]
+OUTPUT_GRAD_DOT = dict(  # memory-bound
+    h100=[_config(4, 1, BLOCK_M=32, BLOCK_D=128),   # seed; head dims 128, 256, 512
+          _config(4, 1, BLOCK_M=64, BLOCK_D=64)],   # head dim 64
+    small_parts=[_config(4, 1, BLOCK_M=32, BLOCK_D=128), _config(4, 1, BLOCK_M=64, BLOCK_D=64)],
+)
 # Backward, head dim <= 256. Key grads hold K, V, dK, dV for BLOCK_N keys and stream
 # BLOCK_M queries; query grads hold Q, dO, dQ for BLOCK_M queries and stream keys.
-FLASH_KEY_GRADS_CONFIGS = [
-    _config(4, 2, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 128
-    _config(8, 3, BLOCK_M=64, BLOCK_N=128),   # H100: head dim 128 causal
-    _config(8, 2, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 256
-    _config(4, 2, BLOCK_M=16, BLOCK_N=32),    # 99 KB parts: head dim 256, fp32
-]
-FLASH_QUERY_GRADS_CONFIGS = [
-    _config(8, 3, BLOCK_M=128, BLOCK_N=64),   # H100: head dims 64 and 128, causal or not
-    _config(4, 2, BLOCK_M=64, BLOCK_N=64),    # H100: head dim 256
-    _config(4, 2, BLOCK_M=64, BLOCK_N=32),    # 99 KB parts: head dim <= 128
-    _config(4, 2, BLOCK_M=32, BLOCK_N=32),    # 99 KB parts: head dim 256, fp32
-]
+FLASH_KEY_GRADS = dict(
+    h100=[_config(4, 2, BLOCK_M=64, BLOCK_N=64),    # head dim 128
+          _config(8, 3, BLOCK_M=64, BLOCK_N=128),   # head dim 128 causal
+          _config(8, 2, BLOCK_M=64, BLOCK_N=64),    # head dim 256
+          _config(4, 3, BLOCK_M=32, BLOCK_N=64)],   # head dim 64
+    small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=64),
+                 _config(4, 2, BLOCK_M=16, BLOCK_N=32)],   # head dim 256, fp32
+)
+FLASH_QUERY_GRADS = dict(
+    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=64),   # head dims 64 and 128, causal or not
+          _config(4, 2, BLOCK_M=64, BLOCK_N=64)],   # head dim 256
+    small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=32),    # head dim <= 128
+                 _config(4, 2, BLOCK_M=32, BLOCK_N=32)],   # head dim 256, fp32
+)
 # Backward, head dim > 256.
-SCORE_GRADS_CONFIGS = [
-    _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),  # H100: seed workload, head dim 512
-    _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),  # H100: second at head dim 512
-    _config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),    # 99 KB parts
-    _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32),    # 99 KB parts, fp32
-]
-PROBS_MATMUL_CONFIGS = [
-    _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),  # H100: seed workload; 99 KB parts
-    _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256),  # H100: head dim 512
-    _config(4, 2, BLOCK_R=64, BLOCK_C=32, BLOCK_D=128),   # 99 KB parts, fp32
-]
+SCORE_GRADS = dict(
+    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)],   # seed, head dim 512
+    small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+                 _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
+)
+PROBS_MATMUL = dict(
+    h100=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),   # seed
+          _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)],  # head dim 512
+    small_parts=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),
+                 _config(4, 2, BLOCK_R=64, BLOCK_C=32, BLOCK_D=128)],   # fp32
+)
 
 
 def _output_grad_dot_shared_bytes(config, block_d, itemsize):
@@ -157,7 +174,8 @@ def _key_grads_shared_bytes(config, block_d, itemsize):
     blocks = config.kwargs
     resident = 2 * blocks["BLOCK_N"] * block_d  # K and V
     streamed = 2 * blocks["BLOCK_M"] * block_d * config.num_stages  # Q and dO
-    row_stats = 8 * blocks["BLOCK_M"] * config.num_stages  # lse and delta, fp32
+    # lse and delta, fp32, num_stages deep, plus one more row of each (seen at BLOCK_M 32)
+    row_stats = 8 * blocks["BLOCK_M"] * (config.num_stages + 1)
     return ((resident + streamed) * itemsize + row_stats
             + _fp32_staging_bytes(blocks["BLOCK_N"], block_d, itemsize))
 
@@ -186,33 +204,50 @@ def _probs_matmul_shared_bytes(config, block_d, itemsize):
             + _fp32_staging_bytes(blocks["BLOCK_R"], blocks["BLOCK_C"], itemsize))
 
 
-# kernel -> (candidate configs, shared-memory estimate in bytes)
+class KernelTuning(NamedTuple):
+    h100: list          # measured H100 winners; tried on parts with more than 99 KB
+    small_parts: list   # for 99 KB parts, and wherever no h100 config fits
+    shared_bytes: Callable  # (config, block_d, itemsize) -> estimated shared memory
+
+    @property
+    def configs(self):
+        """Every distinct config."""
+        distinct = {str(c): c for c in self.small_parts + self.h100}
+        return list(distinct.values())
+
+
 KERNEL_TUNING = {
-    flash_forward._flash_forward_kernel: (FLASH_CONFIGS, _flash_shared_bytes),
-    split_kv_forward._split_kv_kernel: (SPLIT_KV_CONFIGS, _flash_shared_bytes),
-    split_kv_forward._split_kv_combine_kernel: (SPLIT_KV_COMBINE_CONFIGS, _combine_shared_bytes),
-    two_pass_forward._score_tiles_kernel: (SCORE_TILES_CONFIGS, _score_tiles_shared_bytes),
+    flash_forward._flash_forward_kernel: KernelTuning(**FLASH, shared_bytes=_flash_shared_bytes),
+    split_kv_forward._split_kv_kernel: KernelTuning(**SPLIT_KV, shared_bytes=_flash_shared_bytes),
+    split_kv_forward._split_kv_combine_kernel:
+        KernelTuning(**SPLIT_KV_COMBINE, shared_bytes=_combine_shared_bytes),
+    two_pass_forward._score_tiles_kernel:
+        KernelTuning(**SCORE_TILES, shared_bytes=_score_tiles_shared_bytes),
     two_pass_forward._weighted_values_kernel:
-        (WEIGHTED_VALUES_CONFIGS, _weighted_values_shared_bytes),
+        KernelTuning(**WEIGHTED_VALUES, shared_bytes=_weighted_values_shared_bytes),
     backward_preprocess._output_grad_dot_kernel:
-        (OUTPUT_GRAD_DOT_CONFIGS, _output_grad_dot_shared_bytes),
-    flash_backward._flash_key_grads_kernel: (FLASH_KEY_GRADS_CONFIGS, _key_grads_shared_bytes),
+        KernelTuning(**OUTPUT_GRAD_DOT, shared_bytes=_output_grad_dot_shared_bytes),
+    flash_backward._flash_key_grads_kernel:
+        KernelTuning(**FLASH_KEY_GRADS, shared_bytes=_key_grads_shared_bytes),
     flash_backward._flash_query_grads_kernel:
-        (FLASH_QUERY_GRADS_CONFIGS, _query_grads_shared_bytes),
-    two_pass_backward._score_grads_kernel: (SCORE_GRADS_CONFIGS, _score_grads_shared_bytes),
-    two_pass_backward._probs_matmul_kernel: (PROBS_MATMUL_CONFIGS, _probs_matmul_shared_bytes),
+        KernelTuning(**FLASH_QUERY_GRADS, shared_bytes=_query_grads_shared_bytes),
+    two_pass_backward._score_grads_kernel:
+        KernelTuning(**SCORE_GRADS, shared_bytes=_score_grads_shared_bytes),
+    two_pass_backward._probs_matmul_kernel:
+        KernelTuning(**PROBS_MATMUL, shared_bytes=_probs_matmul_shared_bytes),
 }
 
 
 def fitting_configs(kernel, compute_capability, itemsize, block_d):
-    """The kernel's configs whose estimated shared memory fits the device."""
-    configs, shared_bytes = KERNEL_TUNING[kernel]
+    """The kernel's configs for this device whose estimated shared memory fits it."""
+    tuning = KERNEL_TUNING[kernel]
     limit = shared_memory_limit(compute_capability)
 
     def keep(config):
-        return shared_bytes(config, block_d, itemsize) <= limit
+        return tuning.shared_bytes(config, block_d, itemsize) <= limit
 
-    kept = [c for c in configs if keep(c)]
+    kept = [c for c in tuning.h100 if keep(c)] if limit > SMALLEST_SHARED_MEMORY_BYTES else []
+    kept = kept or [c for c in tuning.small_parts if keep(c)]
     if not kept:
         raise ValueError(f"no config of {kernel.__name__} fits {limit} bytes of shared memory "
                          f"({compute_capability=}, {itemsize=}, {block_d=})")

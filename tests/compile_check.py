@@ -51,7 +51,7 @@ def main():
         buffer_dtypes.update((b.name, b.dtype) for l in launches for b in l.outputs)
         for cc in TARGETS:
             for launch in launches:
-                _, estimate = tuning.KERNEL_TUNING[launch.kernel]
+                estimate = tuning.KERNEL_TUNING[launch.kernel].shared_bytes
                 for config in tuning.fitting_configs(launch.kernel, cc, problem.itemsize,
                                                      problem.block_d):
                     compiled = compile_launch(launch, buffer_dtypes, config, cc)

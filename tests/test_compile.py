@@ -84,5 +84,5 @@ def test_every_config_is_kept_somewhere():
         for launch in plan.forward_plan(problem) + plan.backward_plan(problem):
             kept[launch.kernel].update(
                 map(str, tuning.fitting_configs(launch.kernel, cc, itemsize, problem.block_d)))
-    for kernel, (configs, _) in tuning.KERNEL_TUNING.items():
-        assert kept[kernel] == set(map(str, configs)), kernel.fn.__name__
+    for kernel, kernel_tuning in tuning.KERNEL_TUNING.items():
+        assert kept[kernel] == set(map(str, kernel_tuning.configs)), kernel.fn.__name__
