@@ -82,13 +82,13 @@ SPLIT_KV_COMBINE = dict(
 )
 SCORE_TILES = dict(
     h100=[_config(8, 4, BLOCK_M=128, BLOCK_K=64),    # seed; head dims 512 and 1024 (7 shapes)
-          _config(8, 3, BLOCK_M=128, BLOCK_K=64)],   # S=8192: head dim 512, causal 1024
+          _config(8, 3, BLOCK_M=128, BLOCK_K=64)],   # 1 16 8192 512; 4 32 2048 1024 causal
     small_parts=[_config(4, 3, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
                  _config(4, 3, BLOCK_M=64, BLOCK_K=16)],   # fp32
 )
 WEIGHTED_VALUES = dict(
     h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=256),   # 8 of 9 large shapes
-          _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128)],  # 4 x 32 x 2048, causal 512
+          _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128)],  # seed
     small_parts=[_config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128),
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128)],  # fp32
 )
