@@ -1,11 +1,13 @@
 """The public op: scaled dot-product attention with the API of `jax.nn.dot_product_attention`."""
 
+import dataclasses
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 
 from jt_attention.plan import Problem
 from jt_attention.reference import attention_reference
@@ -48,7 +50,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     Triton backward kernels, for the output and for the returned logsumexp; the
     gradients come back in the input dtype. Forward mode (jax.jvp, jax.jacfwd) is
     not supported: JAX raises "can't apply forward-mode autodiff (jvp) to a
-    custom_vjp function"; use reverse mode.
+    custom_vjp function"; use reverse mode. Works under jax.vmap: the mapped axis
+    folds into the batch, so one launch serves the whole map.
     """
     _reject_unsupported(bias=bias, mask=mask, query_seq_lengths=query_seq_lengths,
                         key_value_seq_lengths=key_value_seq_lengths,
@@ -177,6 +180,10 @@ def _kernel_attention(query, key, value, problem, implementation):
 
 
 def _kernel_forward(query, key, value, problem, implementation):
+    return _foldable(_launch_forward, problem, implementation)(query, key, value)
+
+
+def _launch_forward(query, key, value, problem, implementation):
     if implementation == "triton":
         from jt_attention.launch import triton_forward
         return triton_forward(query, key, value, problem)
@@ -195,11 +202,40 @@ def _kernel_attention_bwd(problem, implementation, residuals, cotangents):
     # logsumexp; it folds into delta, so it costs one read per row.
     dout, dlse = cotangents
     cotangents = (dout.astype(problem.dtype), dlse.astype(jnp.float32))
+    return _foldable(_launch_backward, problem, implementation)(*residuals, *cotangents)
+
+
+def _launch_backward(query, key, value, out, lse, dout, dlse, problem, implementation):
+    residuals, cotangents = (query, key, value, out, lse), (dout, dlse)
     if implementation == "triton":
         from jt_attention.launch import triton_backward
         return triton_backward(residuals, cotangents, problem)
     from jt_attention.interpret import interpret_backward
     return interpret_backward(residuals, cotangents, problem)
+
+
+def _foldable(launch, problem, implementation):
+    """`launch(*arrays, problem, implementation)` as a function of the arrays that
+    works under jax.vmap.
+
+    jax-triton's kernel calls have no batching rule. Every array here has the batch
+    on axis 0, so a mapped axis folds into it: one launch over axis_size x batch
+    (arrays that are not mapped are broadcast first)."""
+    @custom_vmap
+    def call(*arrays):
+        return launch(*arrays, problem, implementation)
+
+    @call.def_vmap
+    def fold_into_batch(axis_size, in_batched, *arrays):
+        arrays = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                  for x, batched in zip(arrays, in_batched)]
+        folded = [x.reshape(axis_size * problem.batch, *x.shape[2:]) for x in arrays]
+        wider = dataclasses.replace(problem, batch=axis_size * problem.batch)
+        outs = _foldable(launch, wider, implementation)(*folded)
+        outs = jax.tree.map(lambda y: y.reshape(axis_size, problem.batch, *y.shape[1:]), outs)
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return call
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)

@@ -15,6 +15,10 @@ from jt_attention.kernels import (backward_preprocess, flash_backward, flash_for
                                   split_kv_forward, two_pass_backward, two_pass_forward)
 
 
+GRID_YZ_LIMIT = 65535  # CUDA's largest grid dims y and z
+INT32_LIMIT = 2**31
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """Static description of one attention call. Arrays are [B, S, H, D] (or [B, H, S, D])."""
@@ -73,6 +77,20 @@ class Problem:
         slice_len = triton.cdiv(triton.cdiv(self.seq_k, slices), granule) * granule
         return slice_len, triton.cdiv(self.seq_k, slice_len)
 
+    @property
+    def wide_indexing(self):
+        """Whether the kernels need a 1-D grid and 64-bit batch·head offsets
+        (kernels/tiles.py grid_coords): batch·heads or row blocks past CUDA's cap on
+        grid dims y and z, or a buffer of 2**31 elements or more."""
+        elements = self.batch * max(self.seq_q * self.num_heads,
+                                    self.seq_k * self.num_kv_heads) * self.head_dim
+        if not self.uses_flash_kernel:  # P and dS, rows padded to whole score tiles
+            padded_k = triton.cdiv(self.seq_k, tuning.SCORE_TILE_N) * tuning.SCORE_TILE_N
+            elements = max(elements, self.batch * self.num_heads * self.seq_q * padded_k)
+        row_blocks = triton.cdiv(max(self.seq_q, self.seq_k), tuning.MIN_BLOCK_ROWS)
+        return (max(self.batch * self.num_heads, row_blocks) > GRID_YZ_LIMIT
+                or elements >= INT32_LIMIT)
+
     def flops(self):
         """Forward matmul FLOPs, halved for causal (as the peers count them)."""
         full = 4 * self.batch * self.num_heads * self.seq_q * self.seq_k * self.head_dim
@@ -99,7 +117,12 @@ class Launch:
 def _common_constexprs(p):
     return dict(IS_CAUSAL=p.is_causal, SEQ_Q=p.seq_q, SEQ_K=p.seq_k, NUM_HEADS=p.num_heads,
                 KV_GROUP=p.num_heads // p.num_kv_heads, HEAD_DIM=p.head_dim,
-                DOT_PRECISION=p.dot_precision)
+                DOT_PRECISION=p.dot_precision, WIDE_INDEXING=p.wide_indexing)
+
+
+def _grid(p, fast, middle, slow):
+    """(fast, middle, slow) programs, or as many on one axis (kernels/tiles.py grid_coords)."""
+    return (fast * middle * slow,) if p.wide_indexing else (fast, middle, slow)
 
 
 QUERY_SHAPED = ("Q", "O", "DO")  # the rest ("K", "V") are key-shaped
@@ -131,7 +154,7 @@ def _layout_shape(p, seq, heads):
 def _flash_plan(p):
     metaparams = dict(SCALE=p.scale, BLOCK_D=p.block_d, **_common_constexprs(p),
                       **_stride_constexprs(p, "Q", "K", "V", "O"))
-    grid = lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
+    grid = lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads)
     return [Launch(flash_forward._flash_forward_kernel, ("q", "k", "v"), _output_buffers(p),
                    grid, metaparams)]
 
@@ -143,16 +166,16 @@ def _split_kv_plan(p):
         split_kv_forward._split_kv_kernel, ("q", "k", "v"),
         (Buffer("partial_out", (batch_heads, slices, p.seq_q, p.block_d), np.dtype(np.float32)),
          Buffer("partial_lse", (batch_heads, slices, p.seq_q), np.dtype(np.float32))),
-        lambda meta: (slices, triton.cdiv(p.num_heads // p.num_kv_heads * p.seq_q,
-                                          meta["BLOCK_M"]), p.batch * p.num_kv_heads),
+        lambda meta: _grid(p, slices, triton.cdiv(p.num_heads // p.num_kv_heads * p.seq_q,
+                                                  meta["BLOCK_M"]), p.batch * p.num_kv_heads),
         dict(SCALE=p.scale, BLOCK_D=p.block_d, SPLIT_LEN=slice_len, NUM_SPLITS=slices,
              **_common_constexprs(p), **_stride_constexprs(p, "Q", "K", "V")))
     combine = Launch(
         split_kv_forward._split_kv_combine_kernel, ("partial_out", "partial_lse"),
         _output_buffers(p),
-        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
+        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, batch_heads),
         dict(SEQ_Q=p.seq_q, NUM_HEADS=p.num_heads, HEAD_DIM=p.head_dim, BLOCK_D=p.block_d,
-             NUM_SPLITS=slices, **_stride_constexprs(p, "O")))
+             NUM_SPLITS=slices, WIDE_INDEXING=p.wide_indexing, **_stride_constexprs(p, "O")))
     return [split, combine]
 
 
@@ -165,14 +188,14 @@ def _two_pass_plan(p, tile_n):
         (Buffer("probs", (batch_heads, p.seq_q, num_tiles * tile_n), np.dtype(p.dtype)),
          Buffer("tile_max", stats_shape, np.dtype(np.float32)),
          Buffer("tile_sum", stats_shape, np.dtype(np.float32))),
-        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]) * num_tiles, batch_heads),
+        lambda meta: _grid(p, num_tiles, triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
         dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
              **_stride_constexprs(p, "Q", "K")))
     values = Launch(
         two_pass_forward._weighted_values_kernel, ("probs", "tile_max", "tile_sum", "v"),
         _output_buffers(p),
-        lambda meta: (triton.cdiv(p.head_dim, meta["BLOCK_D"]),
-                      triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
+        lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]),
+                           triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
         dict(TILE_N=tile_n, **_common_constexprs(p), **_stride_constexprs(p, "V", "O")))
     return [scores, values]
 
@@ -203,9 +226,9 @@ def _delta_buffer(p):
 def _delta_launch(p):
     return Launch(
         backward_preprocess._output_grad_dot_kernel, ("out", "dout", "dlse"), (_delta_buffer(p),),
-        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads),
+        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
         dict(SEQ_Q=p.seq_q, NUM_HEADS=p.num_heads, HEAD_DIM=p.head_dim,
-             **_stride_constexprs(p, "O", "DO")))
+             WIDE_INDEXING=p.wide_indexing, **_stride_constexprs(p, "O", "DO")))
 
 
 def _flash_backward_plan(p):
@@ -215,12 +238,13 @@ def _flash_backward_plan(p):
     query_grads = Launch(
         flash_backward._flash_query_grads_kernel, ("q", "k", "v", "out", "dout", "lse", "dlse"),
         _grad_buffers(p, "dq") + (_delta_buffer(p),),
-        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads),
+        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
         dict(metaparams, **_stride_constexprs(p, "O")))
     key_grads = Launch(
         flash_backward._flash_key_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
         _grad_buffers(p, "dk", "dv"),
-        lambda meta: (triton.cdiv(p.seq_k, meta["BLOCK_N"]), p.batch * p.num_kv_heads),
+        lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]), 1,
+                           p.batch * p.num_kv_heads),
         metaparams)
     return [query_grads, key_grads]
 
@@ -233,8 +257,8 @@ def _probs_matmul_launch(p, a, b, out, out_scale):
     out_like = "K" if transpose_a else "Q"
     return Launch(
         two_pass_backward._probs_matmul_kernel, (a, b), _grad_buffers(p, out),
-        lambda meta: (triton.cdiv(p.head_dim, meta["BLOCK_D"]),
-                      triton.cdiv(rows, meta["BLOCK_R"]), p.batch * out_heads),
+        lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]),
+                           triton.cdiv(rows, meta["BLOCK_R"]), p.batch * out_heads),
         dict(OUT_SCALE=out_scale, TRANSPOSE_A=transpose_a, PROBS_STRIDE=_probs_stride(p),
              **_common_constexprs(p), **_stride_constexprs(p, b_tensor, rename={b_tensor: "B"}),
              **_stride_constexprs(p, out_like, rename={out_like: "O"})))
@@ -251,8 +275,8 @@ def _two_pass_backward_plan(p):
         two_pass_backward._score_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
         (Buffer("probs", probs_shape, np.dtype(p.dtype)),
          Buffer("dscores", probs_shape, np.dtype(p.dtype))),
-        lambda meta: (triton.cdiv(p.seq_q, meta["BLOCK_M"]) * triton.cdiv(p.seq_k, meta["BLOCK_N"]),
-                      p.batch * p.num_heads),
+        lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
+                           triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads),
         dict(SCALE=p.scale, PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
              **_stride_constexprs(p, "Q", "K", "V", "DO")))
     return [score_grads,

@@ -32,6 +32,10 @@ SMALLEST_SHARED_MEMORY_BYTES = 99 * KIB
 # 256 beat 128 on 8 of 9 large-head-dim shapes on the H100 (-3% on the seed workload).
 SCORE_TILE_N = 256
 
+# No config's BLOCK_M, BLOCK_N or BLOCK_R is smaller (tests/test_compile.py checks):
+# it bounds the row blocks on a grid axis (plan.Problem.wide_indexing).
+MIN_BLOCK_ROWS = 16
+
 # Split-KV (decoding): up to this many query rows and from this many keys, the flash
 # forward would run one program per batch·head; the keys are cut into slices of a
 # multiple of SPLIT_KV_GRANULE (every BLOCK_N divides it), enough of them for about

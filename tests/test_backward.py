@@ -14,8 +14,8 @@ from jax.test_util import check_grads
 
 import jt_attention
 from jt_attention import interpret, plan, tuning
-from helpers import (DTYPES, TOLERANCE, attention_grads_float64, kernel_implementation,
-                     random_inputs, relative_error)
+from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
+                     kernel_implementation, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -113,6 +113,37 @@ def test_transformations(head_dim):
         np.testing.assert_allclose(value, expected[0], rtol=1e-4, err_msg=f"{seed=}")
         for grad, want in zip(grads, expected[1]):
             assert relative_error(grad, np.asarray(want, np.float64)) < 1e-4, f"{seed=}"
+
+
+@pytest.mark.parametrize("head_dim", [32, 288])
+def test_vmap(head_dim):
+    """jax.vmap folds the mapped axis into the batch: all inputs mapped or only the
+    queries, nested, and under jax.grad either way round."""
+    (q, k, v), seed = random_inputs(6, 9, 11, 2, 1, head_dim, "float32")
+    dout = _cotangent(q.shape, "float32")
+    split = lambda x: x.reshape(3, 2, *x.shape[1:])  # a mapped axis of 3 over batch 2
+    attend = lambda q, k, v: jt_attention.dot_product_attention(
+        q, k, v, is_causal=True, implementation=IMPL)
+    scale = 1 / np.sqrt(head_dim)
+    ref, _ = attention_float64(q, k, v, scale, True)
+    out = jax.jit(jax.vmap(attend))(*map(split, (q, k, v)))
+    assert relative_error(out.reshape(q.shape), ref) < TOLERANCE["float32"], f"{seed=}"
+    out = jax.vmap(jax.vmap(attend))(*(x.reshape(3, 2, 1, *x.shape[1:]) for x in (q, k, v)))
+    assert relative_error(out.reshape(q.shape), ref) < TOLERANCE["float32"], f"{seed=}"
+
+    shared_kv = jax.vmap(attend, in_axes=(0, None, None))(split(q), k[:2], v[:2])
+    for i in range(3):
+        want, _ = attention_float64(split(q)[i], k[:2], v[:2], scale, True)
+        assert relative_error(shared_kv[i], want) < TOLERANCE["float32"], f"{seed=}"
+
+    expected = attention_grads_float64(q, k, v, dout, scale, True)
+    loss = lambda q, k, v, dout: jnp.sum(attend(q, k, v) * dout)
+    mapped_loss = lambda q, k, v: jnp.sum(jax.vmap(attend)(q, k, v) * split(dout))
+    for grads in (jax.grad(mapped_loss, argnums=(0, 1, 2))(*map(split, (q, k, v))),
+                  jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(*map(split, (q, k, v, dout)))):
+        for name, grad, want in zip("qkv", grads, expected):
+            assert relative_error(grad.reshape(want.shape), want) < TOLERANCE["float32"], (
+                f"d{name} {seed=}")
 
 
 @pytest.mark.parametrize("head_dim", [64, 320])

@@ -18,8 +18,11 @@ from jt_attention import plan, tuning
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile real kernels, not interpreted ones
+def compiled(tmp_path_factory):
+    # Real kernels, not interpreted ones, with a cache of their own: started from the
+    # test process on the GPU machine, Triton found no cache dir otherwise.
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton_cache"))}
     script = pathlib.Path(__file__).with_name("compile_check.py")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                             text=True, timeout=1200)
@@ -86,3 +89,25 @@ def test_every_config_is_kept_somewhere():
                 map(str, tuning.fitting_configs(launch.kernel, cc, itemsize, problem.block_d)))
     for kernel, kernel_tuning in tuning.KERNEL_TUNING.items():
         assert kept[kernel] == set(map(str, kernel_tuning.configs)), kernel.fn.__name__
+
+
+def test_min_block_rows_bounds_every_config():
+    """plan.Problem.wide_indexing counts row blocks with tuning.MIN_BLOCK_ROWS."""
+    for kernel_tuning in tuning.KERNEL_TUNING.values():
+        for config in kernel_tuning.configs:
+            rows = [v for k, v in config.kwargs.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_R")]
+            assert min(rows) >= tuning.MIN_BLOCK_ROWS, config
+
+
+def test_wide_indexing_only_past_the_limits():
+    problem = lambda b, s, h, d: plan.Problem(b, s, s, h, h, d, "float16", 0.1, False)
+    assert not problem(32, 512, 32, 1024).wide_indexing            # the seed workload
+    assert not problem(16, 8192, 16, 128).wide_indexing
+    assert problem(8193, 128, 8, 64).wide_indexing                  # batch x heads > 65535
+    assert problem(64, 8192, 32, 128).wide_indexing                 # q of 2**31 elements
+    assert problem(4, 8192, 32, 512).wide_indexing                  # P of 8.6e9 elements
+    assert not problem(1, 8192, 16, 512).wide_indexing              # P of 1.1e9 elements
+    for launch in plan.forward_plan(problem(8193, 128, 8, 64)):
+        assert len(launch.grid({"BLOCK_M": 64, "BLOCK_N": 64})) == 1
+    for launch in plan.forward_plan(problem(2, 128, 8, 64)):
+        assert len(launch.grid({"BLOCK_M": 64, "BLOCK_N": 64})) == 3

@@ -8,7 +8,7 @@ logsumexp when the caller differentiates it too (d lse_i / d S_ij = P_ij).
 import triton
 import triton.language as tl
 
-from jt_attention.kernels.tiles import load_tile
+from jt_attention.kernels.tiles import grid_coords, load_tile, tile_ptrs
 
 
 @triton.jit
@@ -17,20 +17,22 @@ def _output_grad_dot_kernel(
     SEQ_Q: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dlse, fp32; grid = (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+    """delta = rowsum(dO * O) - dlse, fp32; programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
 
     dlse and delta are [batch * NUM_HEADS, SEQ_Q] fp32."""
-    batch_head = tl.program_id(1)
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    out_ptrs = (out_ptr + batch * STRIDE_OB + head * STRIDE_OH
-                + offs_m[:, None] * STRIDE_OS + offs_d[None, :])
-    dout_ptrs = (dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH
-                 + offs_m[:, None] * STRIDE_DOS + offs_d[None, :])
+    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
+                         STRIDE_OS, SEQ_Q)
+    dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, offs_m,
+                          offs_d, STRIDE_DOS, SEQ_Q)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
     RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
     delta = tl.zeros([BLOCK_M], tl.float32)

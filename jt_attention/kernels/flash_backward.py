@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from jt_attention.kernels.backward_preprocess import load_row_stats, load_rows
-from jt_attention.kernels.tiles import load_tile, store_tile
+from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -34,10 +34,10 @@ def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m
     product. MASKED applies the causal mask (key j reaches query i iff j <= i);
     RAGGED_ROWS bounds the query loads (SEQ_Q is not a multiple of BLOCK_M)."""
     rows = start_m + offs_m
-    q = load_tile(q_ptrs + start_m * STRIDE_QS, rows, offs_d, SEQ_Q, HEAD_DIM,
-                  RAGGED_ROWS, BLOCK_D != HEAD_DIM)
-    dout = load_tile(dout_ptrs + start_m * STRIDE_DOS, rows, offs_d, SEQ_Q, HEAD_DIM,
-                     RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    q = load_tile(q_ptrs + row_step(start_m, STRIDE_QS, SEQ_Q), rows, offs_d, SEQ_Q,
+                  HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    dout = load_tile(dout_ptrs + row_step(start_m, STRIDE_DOS, SEQ_Q), rows, offs_d, SEQ_Q,
+                     HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
     lse, delta = load_row_stats(lse_ptr, delta_ptr, rows, SEQ_Q, RAGGED_ROWS)
     scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * QK_SCALE
     probs_t = tl.math.exp2(scores_t - lse[None, :])
@@ -60,23 +60,29 @@ def _flash_key_grads_kernel(
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grid = (cdiv(SEQ_K, BLOCK_N), batch * NUM_KV_HEADS); dk and dv are shaped like k."""
+    """programs (cdiv(SEQ_K, BLOCK_N), batch * NUM_KV_HEADS); dk and dv are shaped like k."""
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP
-    start_n = tl.program_id(0) * BLOCK_N
-    batch = tl.program_id(1) // NUM_KV_HEADS
-    kv_head = tl.program_id(1) % NUM_KV_HEADS
+    KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
+    key_block, _, batch_kv_head = grid_coords(KEY_BLOCKS, 1, WIDE_INDEXING)
+    start_n = key_block * BLOCK_N
+    batch = batch_kv_head // NUM_KV_HEADS
+    kv_head = batch_kv_head % NUM_KV_HEADS
     keys = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
-    kv_offsets = keys[:, None] * STRIDE_KS + offs_d[None, :]
-    k = load_tile(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH + kv_offsets, keys, offs_d,
-                  SEQ_K, HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM)
-    v = load_tile(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH + kv_offsets, keys, offs_d,
-                  SEQ_K, HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM)
+    # dK and dV are laid out like K and V. The scalar bases go first, then the tile.
+    k_base = batch * STRIDE_KB + kv_head * STRIDE_KH
+    v_base = batch * STRIDE_VB + kv_head * STRIDE_VH
+    kv_offsets = tile_ptrs(0, keys, offs_d, STRIDE_KS, SEQ_K)
+    k = load_tile(k_ptr + k_base + kv_offsets, keys, offs_d, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM)
+    v = load_tile(v_ptr + v_base + kv_offsets, keys, offs_d, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e)
@@ -90,10 +96,10 @@ def _flash_key_grads_kernel(
         masked_end = min(SEQ_Q, (start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
     for group_member in range(KV_GROUP):
         head = kv_head * KV_GROUP + group_member
-        q_ptrs = (q_ptr + batch * STRIDE_QB + head * STRIDE_QH
-                  + offs_m[:, None] * STRIDE_QS + offs_d[None, :])
-        dout_ptrs = (dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH
-                     + offs_m[:, None] * STRIDE_DOS + offs_d[None, :])
+        q_ptrs = tile_ptrs(q_ptr + batch * STRIDE_QB + head * STRIDE_QH, offs_m, offs_d,
+                           STRIDE_QS, SEQ_Q)
+        dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, offs_m, offs_d,
+                              STRIDE_DOS, SEQ_Q)
         row_offset = (batch * NUM_HEADS + head) * SEQ_Q
         for start_m in range(first_m, masked_end, BLOCK_M):
             dk, dv = _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset,
@@ -107,13 +113,10 @@ def _flash_key_grads_kernel(
                                      False, RAGGED_ROWS, DOT_PRECISION)
 
     dk *= SCALE
-    # dK and dV are laid out like K and V.
-    store_tile(dk_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH + kv_offsets,
-               dk.to(dk_ptr.dtype.element_ty), keys, offs_d, SEQ_K, HEAD_DIM,
-               RAGGED_KEYS, BLOCK_D != HEAD_DIM)
-    store_tile(dv_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH + kv_offsets,
-               dv.to(dv_ptr.dtype.element_ty), keys, offs_d, SEQ_K, HEAD_DIM,
-               RAGGED_KEYS, BLOCK_D != HEAD_DIM)
+    store_tile(dk_ptr + k_base + kv_offsets, dk.to(dk_ptr.dtype.element_ty), keys, offs_d, SEQ_K,
+               HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM)
+    store_tile(dv_ptr + v_base + kv_offsets, dv.to(dv_ptr.dtype.element_ty), keys, offs_d, SEQ_K,
+               HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM)
 
 
 @triton.jit
@@ -124,9 +127,9 @@ def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, start_n, rows, of
                       RAGGED_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ += dS . K (unscaled) for keys [start_n, start_n + BLOCK_N)."""
     cols = start_n + offs_n
-    k = load_tile(k_ptrs + start_n * STRIDE_KS, cols, offs_d, SEQ_K, HEAD_DIM,
+    k = load_tile(k_ptrs + row_step(start_n, STRIDE_KS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
-    v = load_tile(v_ptrs + start_n * STRIDE_VS, cols, offs_d, SEQ_K, HEAD_DIM,
+    v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
     probs = tl.math.exp2(scores - lse[:, None])
@@ -152,12 +155,14 @@ def _flash_query_grads_kernel(
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grid = (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); dq is shaped like q; delta
+    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); dq is shaped like q; delta
     (written for the key-grads kernel) and dlse are [batch * NUM_HEADS, SEQ_Q] fp32."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
     kv_head = head // KV_GROUP
@@ -165,25 +170,25 @@ def _flash_query_grads_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
-    q_offsets = batch * STRIDE_QB + head * STRIDE_QH + rows[:, None] * STRIDE_QS + offs_d[None, :]
+    q_offsets = tile_ptrs(batch * STRIDE_QB + head * STRIDE_QH, rows, offs_d, STRIDE_QS, SEQ_Q)
     q = load_tile(q_ptr + q_offsets, rows, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
                   BLOCK_D != HEAD_DIM)
-    dout = load_tile(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH
-                     + rows[:, None] * STRIDE_DOS + offs_d[None, :], rows, offs_d, SEQ_Q,
-                     HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
-    out = load_tile(out_ptr + batch * STRIDE_OB + head * STRIDE_OH
-                    + rows[:, None] * STRIDE_OS + offs_d[None, :], rows, offs_d, SEQ_Q,
-                    HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, rows,
+                          offs_d, STRIDE_DOS, SEQ_Q)
+    dout = load_tile(dout_ptrs, rows, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, rows, offs_d,
+                         STRIDE_OS, SEQ_Q)
+    out = load_tile(out_ptrs, rows, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
     row_offset = batch_head * SEQ_Q
     delta = (tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
              - load_rows(dlse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, 0.0))
     tl.store(delta_ptr + row_offset + rows, delta, mask=rows < SEQ_Q)
     lse = load_rows(lse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, float("inf"))
     lse *= 1.4426950408889634  # log2(e): base-2 scores
-    k_ptrs = (k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
-              + offs_n[:, None] * STRIDE_KS + offs_d[None, :])
-    v_ptrs = (v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
-              + offs_n[:, None] * STRIDE_VS + offs_d[None, :])
+    k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH, offs_n, offs_d,
+                       STRIDE_KS, SEQ_K)
+    v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, offs_n, offs_d,
+                       STRIDE_VS, SEQ_K)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e)
 

@@ -13,7 +13,7 @@ logsumexp is written back in natural-log units, matching `jax.nn`.
 import triton
 import triton.language as tl
 
-from jt_attention.kernels.tiles import load_tile, store_tile
+from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, offs_m, off
     MASKED applies the causal and key-length masks to the scores; RAGGED_KEYS also
     bounds the K/V loads (the block crosses SEQ_K)."""
     cols = start_n + offs_n
-    k = load_tile(k_ptrs + start_n * STRIDE_KS, cols, offs_d, SEQ_K, HEAD_DIM,
+    k = load_tile(k_ptrs + row_step(start_n, STRIDE_KS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
     if MASKED:
@@ -43,7 +43,7 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, offs_m, off
     probs = tl.math.exp2(scores - exp_base[:, None])
     rescale = tl.math.exp2(row_max - exp_base)
     row_sum = row_sum * rescale + tl.sum(probs, 1)
-    v = load_tile(v_ptrs + start_n * STRIDE_VS, cols, offs_d, SEQ_K, HEAD_DIM,
+    v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
     acc = acc * rescale[:, None]
     acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -61,11 +61,13 @@ def _flash_forward_kernel(
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grid = (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); lse is [batch, NUM_HEADS, SEQ_Q] fp32."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
+    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); lse is [batch, NUM_HEADS, SEQ_Q] fp32."""
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
     kv_head = head // KV_GROUP
@@ -73,12 +75,12 @@ def _flash_forward_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = (q_ptr + batch * STRIDE_QB + head * STRIDE_QH
-              + offs_m[:, None] * STRIDE_QS + offs_d[None, :])
-    k_ptrs = (k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
-              + offs_n[:, None] * STRIDE_KS + offs_d[None, :])
-    v_ptrs = (v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
-              + offs_n[:, None] * STRIDE_VS + offs_d[None, :])
+    q_ptrs = tile_ptrs(q_ptr + batch * STRIDE_QB + head * STRIDE_QH, offs_m, offs_d,
+                       STRIDE_QS, SEQ_Q)
+    k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH, offs_n, offs_d,
+                       STRIDE_KS, SEQ_K)
+    v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, offs_n, offs_d,
+                       STRIDE_VS, SEQ_K)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
     q = load_tile(q_ptrs, offs_m, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
 
@@ -106,8 +108,8 @@ def _flash_forward_kernel(
             True, SEQ_K % BLOCK_N != 0, DOT_PRECISION)
 
     acc = acc / row_sum[:, None]
-    out_ptrs = (out_ptr + batch * STRIDE_OB + head * STRIDE_OH
-                + offs_m[:, None] * STRIDE_OS + offs_d[None, :])
+    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
+                         STRIDE_OS, SEQ_Q)
     store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q, HEAD_DIM,
                RAGGED_ROWS, BLOCK_D != HEAD_DIM)
     lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2): back to natural log

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from jt_attention.kernels.flash_forward import _attend_block
-from jt_attention.kernels.tiles import load_tile, store_tile
+from jt_attention.kernels.tiles import grid_coords, load_tile, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -27,9 +27,10 @@ def _split_kv_kernel(
     STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grid = (NUM_SPLITS, cdiv(KV_GROUP * SEQ_Q, BLOCK_M), batch * NUM_KV_HEADS).
+    """programs (NUM_SPLITS, cdiv(KV_GROUP * SEQ_Q, BLOCK_M), batch * NUM_KV_HEADS).
 
     partial_out: [batch * NUM_HEADS, NUM_SPLITS, SEQ_Q, BLOCK_D] fp32, normalised per slice.
     partial_lse: [batch * NUM_HEADS, NUM_SPLITS, SEQ_Q] fp32, natural log; -inf for a
@@ -37,21 +38,23 @@ def _split_kv_kernel(
     """
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP
     ROWS: tl.constexpr = KV_GROUP * SEQ_Q
-    split = tl.program_id(0)
-    batch = tl.program_id(2) // NUM_KV_HEADS
-    kv_head = tl.program_id(2) % NUM_KV_HEADS
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = kv_head * KV_GROUP + rows // SEQ_Q
+    ROW_BLOCKS: tl.constexpr = (ROWS + BLOCK_M - 1) // BLOCK_M
+    split, row_block, batch_kv_head = grid_coords(NUM_SPLITS, ROW_BLOCKS, WIDE_INDEXING)
+    batch = batch_kv_head // NUM_KV_HEADS
+    kv_head = batch_kv_head % NUM_KV_HEADS
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    group_member = rows // SEQ_Q
+    head = kv_head * KV_GROUP + group_member
     query = rows % SEQ_Q
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = (q_ptr + batch * STRIDE_QB + head[:, None] * STRIDE_QH
-              + query[:, None] * STRIDE_QS + offs_d[None, :])
-    k_ptrs = (k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
-              + offs_n[:, None] * STRIDE_KS + offs_d[None, :])
-    v_ptrs = (v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
-              + offs_n[:, None] * STRIDE_VS + offs_d[None, :])
+    q_ptrs = (q_ptr + batch * STRIDE_QB + kv_head * KV_GROUP * STRIDE_QH  # 64-bit scalar
+              + (group_member[:, None] * STRIDE_QH + query[:, None] * STRIDE_QS + offs_d[None, :]))
+    k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH, offs_n, offs_d,
+                       STRIDE_KS, SEQ_K)
+    v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, offs_n, offs_d,
+                       STRIDE_VS, SEQ_K)
     RAGGED_ROWS: tl.constexpr = ROWS % BLOCK_M != 0
     q = load_tile(q_ptrs, rows, offs_d, ROWS, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
 
@@ -90,17 +93,19 @@ def _split_kv_kernel(
 def _split_kv_combine_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
     SEQ_Q: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """out = sum_s exp(lse_s - lse) out_s with lse = log sum_s exp(lse_s);
-    grid = (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS). Slice 0 holds key 0, which
+    programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS). Slice 0 holds key 0, which
     every row sees, so lse is finite for every real row."""
-    batch_head = tl.program_id(1)
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_rows = offs_m < SEQ_Q
     lse_ptrs = partial_lse_ptr + batch_head * NUM_SPLITS * SEQ_Q + offs_m
@@ -111,8 +116,8 @@ def _split_kv_combine_kernel(
     row_max = tl.where(in_rows, row_max, 0.0)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    out_ptrs = (partial_out_ptr + (batch_head * NUM_SPLITS * SEQ_Q + offs_m[:, None]) * BLOCK_D
-                + offs_d[None, :])
+    out_ptrs = tile_ptrs(partial_out_ptr + batch_head * NUM_SPLITS * SEQ_Q * BLOCK_D, offs_m,
+                         offs_d, BLOCK_D, SEQ_Q)
     for split in range(NUM_SPLITS):
         weight = tl.exp(tl.load(lse_ptrs + split * SEQ_Q, mask=in_rows, other=float("-inf"))
                         - row_max)
@@ -122,7 +127,7 @@ def _split_kv_combine_kernel(
         acc += weight[:, None] * partial
     row_sum = tl.where(in_rows, row_sum, 1.0)
     acc = acc / row_sum[:, None]
-    store_tile(out_ptr + batch * STRIDE_OB + head * STRIDE_OH + offs_m[:, None] * STRIDE_OS
-               + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q,
+    store_tile(tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
+                         STRIDE_OS, SEQ_Q), acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q,
                HEAD_DIM, SEQ_Q % BLOCK_M != 0, BLOCK_D != HEAD_DIM)
     tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, row_max + tl.log(row_sum), mask=in_rows)

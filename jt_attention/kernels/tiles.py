@@ -1,11 +1,69 @@
-"""Masked tile loads and stores shared by the kernels.
+"""Grid coordinates, tile pointers and masked tile loads and stores shared by the kernels.
 
 A bound is checked only where a constexpr says a tile can cross it, so interior
 tiles of evenly divided shapes keep unpredicated 16-byte accesses.
+
+Problems with batch x heads past 65535 or buffers past 2**31 elements (4 GB in
+fp16) run on a one-dimensional grid with 64-bit offsets (`grid_coords`,
+`row_step`); all others keep 32-bit index math, which the compiler schedules best.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def grid_coords(FAST: tl.constexpr, MIDDLE: tl.constexpr, WIDE_INDEXING: tl.constexpr):
+    """(fast, middle, slow) coordinates of this program; `slow` is the batch·head.
+
+    The kernels document theirs as "programs (fast, middle, slow)"; a (fast, slow)
+    kernel passes MIDDLE = 1.
+
+    Ordinary problems launch a (FAST, MIDDLE, slow) grid and index in 32 bits. Under
+    WIDE_INDEXING (plan.Problem.wide_indexing) the grid is (FAST * MIDDLE * slow,),
+    as x reaches 2**31 - 1 where y and z stop at 65535, and `slow` is int64, so the
+    base offsets it scales are exact past 2**31 elements. Programs that share `slow`
+    run next to each other either way."""
+    if WIDE_INDEXING:
+        pid = tl.program_id(0)
+        fast = pid % FAST
+        middle = (pid // FAST) % MIDDLE
+        slow = (pid // (FAST * MIDDLE)).to(tl.int64)
+    else:
+        fast = tl.program_id(0)
+        middle = tl.program_id(1)
+        slow = tl.program_id(2)
+    return fast, middle, slow
+
+
+@triton.jit
+def row_step(start, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexpr):
+    """start * ROW_STRIDE for a row index start < ROW_LIMIT.
+
+    32-bit where that cannot overflow (decided from the constexprs at compile time),
+    64-bit otherwise. Ordinary shapes so keep the session-3 code: with 64-bit index
+    math throughout, the causal flash kernels ran 6-24% slower on the H100."""
+    if ROW_LIMIT * ROW_STRIDE < 2**31:
+        offset = start * ROW_STRIDE
+    else:
+        offset = tl.cast(start, tl.int64) * ROW_STRIDE
+    return offset
+
+
+@triton.jit
+def tile_ptrs(base, rows, cols, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexpr):
+    """base + rows[:, None] * ROW_STRIDE + cols[None, :], for rows < ROW_LIMIT.
+
+    Row offsets are 64-bit only where 32 bits could overflow (see row_step). Kept in
+    the session-3 form, a column of row offsets broadcast over `cols`: variants that
+    built the tile from a row start plus an arange compiled the causal flash kernels
+    to other register allocations (197 -> 141-166 registers under Triton 3.6) and
+    ran 8-25% slower (WORKSPACE_NOTES.md, session 4)."""
+    if ROW_LIMIT * ROW_STRIDE < 2**31:
+        row_offsets = rows[:, None] * ROW_STRIDE
+    else:
+        row_offsets = rows.to(tl.int64)[:, None] * ROW_STRIDE
+    return base + row_offsets + cols[None, :]
 
 
 @triton.jit

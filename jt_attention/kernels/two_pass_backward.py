@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from jt_attention.kernels.backward_preprocess import load_row_stats
-from jt_attention.kernels.tiles import load_tile, store_tile
+from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -36,15 +36,17 @@ def _score_grads_kernel(
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grid = (cdiv(SEQ_Q, BLOCK_M) * cdiv(SEQ_K, BLOCK_N), batch * NUM_HEADS).
+    """programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
 
     probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""
-    NUM_N_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
-    start_m = (tl.program_id(0) // NUM_N_BLOCKS) * BLOCK_M
-    start_n = (tl.program_id(0) % NUM_N_BLOCKS) * BLOCK_N
-    batch_head = tl.program_id(1)
+    KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    key_block, row_block, batch_head = grid_coords(KEY_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    start_m = row_block * BLOCK_M
+    start_n = key_block * BLOCK_N
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
     kv_head = head // KV_GROUP
@@ -54,14 +56,14 @@ def _score_grads_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        q_ptrs = (q_ptr + batch * STRIDE_QB + head * STRIDE_QH
-                  + rows[:, None] * STRIDE_QS + offs_k[None, :])
-        dout_ptrs = (dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH
-                     + rows[:, None] * STRIDE_DOS + offs_k[None, :])
-        k_ptrs = (k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
-                  + cols[:, None] * STRIDE_KS + offs_k[None, :])
-        v_ptrs = (v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
-                  + cols[:, None] * STRIDE_VS + offs_k[None, :])
+        q_ptrs = tile_ptrs(q_ptr + batch * STRIDE_QB + head * STRIDE_QH, rows,
+                           offs_k, STRIDE_QS, SEQ_Q)
+        dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, rows, offs_k,
+                              STRIDE_DOS, SEQ_Q)
+        k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH, cols,
+                           offs_k, STRIDE_KS, SEQ_K)
+        v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, cols,
+                           offs_k, STRIDE_VS, SEQ_K)
         RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
         RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
         RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
@@ -86,7 +88,8 @@ def _score_grads_kernel(
                 visible = visible & (cols[None, :] <= rows[:, None])
             probs = tl.where(visible, probs, 0.0)
         dscores = probs * (dprobs - delta[:, None])
-        offsets = batch_head * SEQ_Q * PROBS_STRIDE + rows[:, None] * PROBS_STRIDE + cols[None, :]
+        offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols,
+                            PROBS_STRIDE, SEQ_Q)
         store_tile(probs_ptr + offsets, probs.to(probs_ptr.dtype.element_ty), rows, cols,
                    SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
         store_tile(dscores_ptr + offsets, dscores.to(dscores_ptr.dtype.element_ty), rows, cols,
@@ -107,8 +110,8 @@ def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
     a select after the load, never multiplied (see two_pass_forward, v1 notes)."""
     cols = start_c + offs_c
     if TRANSPOSE_A:  # A is [queries, keys] in memory; the rows here are keys
-        a = tl.trans(load_tile(a_ptrs + start_c * PROBS_STRIDE, cols, rows, REDUCED, OUT_ROWS,
-                               RAGGED_REDUCED, RAGGED_ROWS))
+        a = tl.trans(load_tile(a_ptrs + row_step(start_c, PROBS_STRIDE, REDUCED), cols, rows,
+                               REDUCED, OUT_ROWS, RAGGED_REDUCED, RAGGED_ROWS))
         if DIAGONAL:
             a = tl.where(rows[:, None] <= cols[None, :], a, 0.0)
     else:  # the rows are queries, the reduction runs over keys
@@ -116,7 +119,7 @@ def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
                       RAGGED_REDUCED)
         if DIAGONAL:
             a = tl.where(cols[None, :] <= rows[:, None], a, 0.0)
-    b = load_tile(b_ptrs + start_c * STRIDE_BS, cols, offs_d, REDUCED, HEAD_DIM,
+    b = load_tile(b_ptrs + row_step(start_c, STRIDE_BS, REDUCED), cols, offs_d, REDUCED, HEAD_DIM,
                   RAGGED_REDUCED, RAGGED_DIM)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -130,6 +133,7 @@ def _probs_matmul_kernel(
     STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = OUT_SCALE * A' . B per batch·head, A' = A^T if TRANSPOSE_A else A.
@@ -137,19 +141,22 @@ def _probs_matmul_kernel(
     A (P or dS) is [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE].
     TRANSPOSE_A (dV = P^T.dO, dK = dS^T.Q): rows are keys, the reduction runs over
       the queries of every head of a KV group; B is query-shaped, out key-shaped;
-      grid = (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), batch * NUM_KV_HEADS).
+      programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), batch * NUM_KV_HEADS).
     Otherwise (dQ = dS.K): rows are queries, the reduction runs over keys; B is K;
-      grid = (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R), batch * NUM_HEADS).
+      programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R), batch * NUM_HEADS).
     """
     OUT_ROWS: tl.constexpr = SEQ_K if TRANSPOSE_A else SEQ_Q
     REDUCED: tl.constexpr = SEQ_Q if TRANSPOSE_A else SEQ_K
     HEADS_SUMMED: tl.constexpr = KV_GROUP if TRANSPOSE_A else 1
     B_HEAD_GROUP: tl.constexpr = 1 if TRANSPOSE_A else KV_GROUP  # B is dO or Q, else K
     OUT_HEADS: tl.constexpr = NUM_HEADS // HEADS_SUMMED
-    start_d = tl.program_id(0) * BLOCK_D
-    start_r = tl.program_id(1) * BLOCK_R
-    batch = tl.program_id(2) // OUT_HEADS
-    out_head = tl.program_id(2) % OUT_HEADS
+    D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
+    ROW_BLOCKS: tl.constexpr = (OUT_ROWS + BLOCK_R - 1) // BLOCK_R
+    d_block, row_block, batch_out_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    start_d = d_block * BLOCK_D
+    start_r = row_block * BLOCK_R
+    batch = batch_out_head // OUT_HEADS
+    out_head = batch_out_head % OUT_HEADS
     rows = start_r + tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
     offs_d = start_d + tl.arange(0, BLOCK_D)
@@ -177,11 +184,11 @@ def _probs_matmul_kernel(
         b_head = a_head // B_HEAD_GROUP
         a_base = a_ptr + (batch * NUM_HEADS + a_head) * SEQ_Q * PROBS_STRIDE
         if TRANSPOSE_A:
-            a_ptrs = a_base + offs_c[:, None] * PROBS_STRIDE + rows[None, :]
+            a_ptrs = tile_ptrs(a_base, offs_c, rows, PROBS_STRIDE, REDUCED)
         else:
-            a_ptrs = a_base + rows[:, None] * PROBS_STRIDE + offs_c[None, :]
-        b_ptrs = (b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH
-                  + offs_c[:, None] * STRIDE_BS + offs_d[None, :])
+            a_ptrs = tile_ptrs(a_base, rows, offs_c, PROBS_STRIDE, OUT_ROWS)
+        b_ptrs = tile_ptrs(b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH, offs_c, offs_d,
+                           STRIDE_BS, REDUCED)
         for start_c in range(first, unmasked_start, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
                                      OUT_ROWS, REDUCED, HEAD_DIM, PROBS_STRIDE, STRIDE_BS,
@@ -200,7 +207,7 @@ def _probs_matmul_kernel(
                                      DOT_PRECISION)
 
     acc *= OUT_SCALE
-    out_ptrs = (out_ptr + batch * STRIDE_OB + out_head * STRIDE_OH
-                + rows[:, None] * STRIDE_OS + offs_d[None, :])
+    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + out_head * STRIDE_OH, rows,
+                         offs_d, STRIDE_OS, OUT_ROWS)
     store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), rows, offs_d, OUT_ROWS, HEAD_DIM,
                RAGGED_ROWS, RAGGED_DIM)

@@ -19,7 +19,7 @@ from L2. Scores are in base 2, as in the flash kernel.
 import triton
 import triton.language as tl
 
-from jt_attention.kernels.tiles import load_tile, store_tile
+from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -31,19 +31,19 @@ def _score_tiles_kernel(
     STRIDE_QB: tl.constexpr, STRIDE_QS: tl.constexpr, STRIDE_QH: tl.constexpr,
     STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grid = (cdiv(SEQ_Q, BLOCK_M) * NUM_TILES, batch * NUM_HEADS).
+    """programs (NUM_TILES, cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
 
     probs: [batch * NUM_HEADS, SEQ_Q, NUM_TILES * TILE_N], input dtype.
     tile_max, tile_sum: [batch * NUM_HEADS, NUM_TILES, SEQ_Q] fp32, base 2.
     """
     NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
-    tile = tl.program_id(0)
-    start_m = (tile // NUM_TILES) * BLOCK_M
-    tile_n = tile % NUM_TILES
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    tile_n, row_block, batch_head = grid_coords(NUM_TILES, ROW_BLOCKS, WIDE_INDEXING)
+    start_m = row_block * BLOCK_M
     start_n = tile_n * TILE_N
-    batch_head = tl.program_id(1)
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
 
@@ -53,10 +53,10 @@ def _score_tiles_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = start_n + tl.arange(0, TILE_N)
         offs_k = tl.arange(0, BLOCK_K)
-        q_ptrs = (q_ptr + batch * STRIDE_QB + head * STRIDE_QH
-                  + offs_m[:, None] * STRIDE_QS + offs_k[None, :])
-        k_ptrs = (k_ptr + batch * STRIDE_KB + (head // KV_GROUP) * STRIDE_KH
-                  + offs_n[:, None] * STRIDE_KS + offs_k[None, :])
+        q_ptrs = tile_ptrs(q_ptr + batch * STRIDE_QB + head * STRIDE_QH, offs_m, offs_k,
+                           STRIDE_QS, SEQ_Q)
+        k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + (head // KV_GROUP) * STRIDE_KH, offs_n,
+                           offs_k, STRIDE_KS, SEQ_K)
         RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
         RAGGED_KEYS: tl.constexpr = SEQ_K % TILE_N != 0
         RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
@@ -77,8 +77,8 @@ def _score_tiles_kernel(
         # A row can be wholly masked in this tile; its stats are never read, but keep it NaN-free.
         probs = tl.math.exp2(scores - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
         PADDED_K: tl.constexpr = NUM_TILES * TILE_N
-        probs_ptrs = (probs_ptr + batch_head * SEQ_Q * PADDED_K
-                      + offs_m[:, None] * PADDED_K + offs_n[None, :])
+        probs_ptrs = tile_ptrs(probs_ptr + batch_head * SEQ_Q * PADDED_K, offs_m,
+                               offs_n, PADDED_K, SEQ_Q)
         store_tile(probs_ptrs, probs.to(probs_ptr.dtype.element_ty), offs_m, offs_n,
                    SEQ_Q, PADDED_K, RAGGED_ROWS, False)
         stats_offset = (batch_head * NUM_TILES + tile_n) * SEQ_Q + offs_m
@@ -125,7 +125,7 @@ def _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, ro
         probs = probs.to(tl.float32) * weight
     if DIAGONAL:
         probs = tl.where(cols[None, :] <= offs_m[:, None], probs, 0.0)
-    v = load_tile(v_ptrs + start_n * STRIDE_VS, cols, offs_d, SEQ_K, HEAD_DIM,
+    v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, RAGGED_DIM)
     return tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
@@ -139,17 +139,20 @@ def _weighted_values_kernel(
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """grid = (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+    """programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
 
     BLOCK_N divides TILE_N and BLOCK_M is a multiple of BLOCK_N.
     """
     NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
     PADDED_K: tl.constexpr = NUM_TILES * TILE_N
-    start_d = tl.program_id(0) * BLOCK_D
-    start_m = tl.program_id(1) * BLOCK_M
-    batch_head = tl.program_id(2)
+    D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    d_block, row_block, batch_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    start_d = d_block * BLOCK_D
+    start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
 
@@ -174,10 +177,10 @@ def _weighted_values_kernel(
                                          TILE_N, IS_CAUSAL)
         row_sum += tile_sum * tl.math.exp2(tile_max - row_max)
 
-    probs_ptrs = (probs_ptr + batch_head * SEQ_Q * PADDED_K
-                  + offs_m[:, None] * PADDED_K + offs_n[None, :])
-    v_ptrs = (v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH
-              + offs_n[:, None] * STRIDE_VS + offs_d[None, :])
+    probs_ptrs = tile_ptrs(probs_ptr + batch_head * SEQ_Q * PADDED_K, offs_m, offs_n,
+                           PADDED_K, SEQ_Q)
+    v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH, offs_n, offs_d,
+                       STRIDE_VS, SEQ_K)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
     RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
     # Unmasked blocks first; then the causal diagonal and the ragged tail of the keys.
@@ -197,10 +200,10 @@ def _weighted_values_kernel(
                                  SEQ_K % BLOCK_N != 0, RAGGED_DIM, DOT_PRECISION)
 
     acc = acc / row_sum[:, None]
-    out_ptrs = (out_ptr + batch * STRIDE_OB + head * STRIDE_OH
-                + offs_m[:, None] * STRIDE_OS + offs_d[None, :])
+    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
+                         STRIDE_OS, SEQ_Q)
     store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q, HEAD_DIM,
                RAGGED_ROWS, RAGGED_DIM)
-    if tl.program_id(0) == 0:
+    if d_block == 0:
         lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2)
         tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
