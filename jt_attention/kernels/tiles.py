@@ -38,7 +38,7 @@ def grid_coords(FAST: tl.constexpr, MIDDLE: tl.constexpr, WIDE_INDEXING: tl.cons
 
 @triton.jit
 def row_step(start, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexpr):
-    """start * ROW_STRIDE for a row index start < ROW_LIMIT.
+    """start * ROW_STRIDE for row indices start < ROW_LIMIT (a scalar or a tensor).
 
     32-bit where that cannot overflow (decided from the constexprs at compile time),
     64-bit otherwise. Ordinary shapes so keep the session-3 code: with 64-bit index
@@ -59,11 +59,7 @@ def tile_ptrs(base, rows, cols, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexp
     built the tile from a row start plus an arange compiled the causal flash kernels
     to other register allocations (197 -> 141-166 registers under Triton 3.6) and
     ran 8-25% slower (WORKSPACE_NOTES.md, session 4)."""
-    if ROW_LIMIT * ROW_STRIDE < 2**31:
-        row_offsets = rows[:, None] * ROW_STRIDE
-    else:
-        row_offsets = rows.to(tl.int64)[:, None] * ROW_STRIDE
-    return base + row_offsets + cols[None, :]
+    return base + row_step(rows[:, None], ROW_STRIDE, ROW_LIMIT) + cols[None, :]
 
 
 @triton.jit
