@@ -43,7 +43,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
     Supported: float16, bfloat16 and float32 (query, key and value alike); head_dim
     16 to 1024 (kernels: a flash online-softmax kernel up to 256, 64 for float32;
-    above, two launches that write the probabilities once, O(B*N*T*S) extra memory);
+    above, two launches that write the probabilities once, O(B*N*T*S) extra memory,
+    kept for the backward where kv_len <= head_dim);
     any q_len and kv_len >= 1.
 
     Differentiable in reverse mode (jax.grad, jax.vjp, also under jit and remat) with
@@ -176,14 +177,16 @@ def _attention(query, key, value, problem, implementation):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _kernel_attention(query, key, value, problem, implementation):
-    return _kernel_forward(query, key, value, problem, implementation)
+    out, lse, *_ = _kernel_forward(query, key, value, problem, implementation)
+    return out, lse
 
 
 def _kernel_forward(query, key, value, problem, implementation):
+    """(out, lse, *kept): `kept` are the forward buffers its backward reuses (plan.kept_buffers)."""
     return _foldable(_launch_forward, problem, implementation)(query, key, value)
 
 
-def _launch_forward(query, key, value, problem, implementation):
+def _launch_forward(problem, implementation, query, key, value):
     if implementation == "triton":
         from jt_attention.launch import triton_forward
         return triton_forward(query, key, value, problem)
@@ -192,9 +195,10 @@ def _launch_forward(query, key, value, problem, implementation):
 
 
 def _kernel_attention_fwd(query, key, value, problem, implementation):
-    out, lse = _kernel_forward(query, key, value, problem, implementation)
-    # Residuals are O(B·H·S·D) and O(B·H·S): the backward recomputes the probabilities.
-    return (out, lse), (query, key, value, out, lse)
+    out, lse, *kept = _kernel_forward(query, key, value, problem, implementation)
+    # Residuals are O(B·H·S·D) and O(B·H·S): the backward recomputes the probabilities,
+    # unless the two-pass forward's are no bigger than the output (Problem.keeps_probs).
+    return (out, lse), (query, key, value, out, lse, *kept)
 
 
 def _kernel_attention_bwd(problem, implementation, residuals, cotangents):
@@ -205,17 +209,17 @@ def _kernel_attention_bwd(problem, implementation, residuals, cotangents):
     return _foldable(_launch_backward, problem, implementation)(*residuals, *cotangents)
 
 
-def _launch_backward(query, key, value, out, lse, dout, dlse, problem, implementation):
-    residuals, cotangents = (query, key, value, out, lse), (dout, dlse)
+def _launch_backward(problem, implementation, *arrays):
+    """arrays: plan.backward_inputs(problem), residuals then cotangents."""
     if implementation == "triton":
         from jt_attention.launch import triton_backward
-        return triton_backward(residuals, cotangents, problem)
+        return triton_backward(arrays, problem)
     from jt_attention.interpret import interpret_backward
-    return interpret_backward(residuals, cotangents, problem)
+    return interpret_backward(arrays, problem)
 
 
 def _foldable(launch, problem, implementation):
-    """`launch(*arrays, problem, implementation)` as a function of the arrays that
+    """`launch(problem, implementation, *arrays)` as a function of the arrays that
     works under jax.vmap.
 
     jax-triton's kernel calls have no batching rule. Every array here has the batch
@@ -223,7 +227,7 @@ def _foldable(launch, problem, implementation):
     (arrays that are not mapped are broadcast first)."""
     @custom_vmap
     def call(*arrays):
-        return launch(*arrays, problem, implementation)
+        return launch(problem, implementation, *arrays)
 
     @call.def_vmap
     def fold_into_batch(axis_size, in_batched, *arrays):

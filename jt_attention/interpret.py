@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 
-from jt_attention.plan import backward_plan, forward_plan
+from jt_attention.plan import (FORWARD_OUTPUTS, backward_inputs, backward_plan, forward_plan,
+                               kept_buffers)
 
 INTERPRETER_SCORE_TILE_N = 32
 INTERPRETER_BLOCKS = {
@@ -28,6 +29,7 @@ INTERPRETER_BLOCKS = {
     "_flash_key_grads_kernel": dict(BLOCK_M=16, BLOCK_N=32),
     "_flash_query_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16),
     "_score_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
+    "_score_grads_from_probs_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
     "_probs_matmul_kernel": dict(BLOCK_R=32, BLOCK_C=16, BLOCK_D=64),
 }
 
@@ -112,28 +114,30 @@ def run_interpreted(launches, arrays, blocks=None):
 
 
 def interpret_forward(q, k, v, problem):
-    """(out, lse [B, H, Sq] fp32) from the interpreted kernels; works under jit."""
+    """(out, lse [B, H, Sq] fp32, *kept) from the interpreted kernels, kept being
+    plan.kept_buffers(problem); works under jit."""
     _require_interpreter()
     launches = forward_plan(problem, score_tile_n=INTERPRETER_SCORE_TILE_N)
-    result_shapes = tuple(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launches[-1].outputs)
+    written = {b.name: b for launch in launches for b in launch.outputs}
+    names = FORWARD_OUTPUTS + kept_buffers(problem)
+    result_shapes = tuple(jax.ShapeDtypeStruct(written[n].shape, written[n].dtype) for n in names)
 
     def host(q, k, v):
         buffers = run_interpreted(launches, {"q": q, "k": k, "v": v})
-        return tuple(buffers[b.name] for b in launches[-1].outputs)
+        return tuple(buffers[name] for name in names)
 
     return jax.pure_callback(host, result_shapes, q, k, v, vmap_method="sequential")
 
 
-def interpret_backward(residuals, cotangents, problem):
-    """(dq, dk, dv) from the interpreted backward kernels; works under jit."""
+def interpret_backward(arrays, problem):
+    """(dq, dk, dv) from the interpreted backward kernels, given the
+    plan.backward_inputs(problem) arrays; works under jit."""
     _require_interpreter()
-    launches = backward_plan(problem)
-    names = ("q", "k", "v", "out", "lse", "dout", "dlse")
-    arrays = residuals + cotangents
+    launches = backward_plan(problem, score_tile_n=INTERPRETER_SCORE_TILE_N)
     grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays[:3])
 
     def host(*arrays):
-        buffers = run_interpreted(launches, dict(zip(names, arrays)))
+        buffers = run_interpreted(launches, dict(zip(backward_inputs(problem), arrays)))
         return buffers["dq"], buffers["dk"], buffers["dv"]
 
     return jax.pure_callback(host, grad_shapes, *arrays, vmap_method="sequential")

@@ -11,7 +11,8 @@ import inspect
 import jax
 
 from jt_attention import tuning
-from jt_attention.plan import backward_plan, forward_plan
+from jt_attention.plan import (FORWARD_OUTPUTS, backward_inputs, backward_plan, forward_plan,
+                               kept_buffers)
 
 
 @functools.cache
@@ -44,14 +45,15 @@ def _run_launches(launches, buffers, problem):
 
 
 def triton_forward(q, k, v, problem):
-    """(out, lse [B, H, Sq] fp32) on the GPU; traceable, no host synchronisation."""
+    """(out, lse [B, H, Sq] fp32, *kept) on the GPU, kept being plan.kept_buffers(problem);
+    traceable, no host synchronisation."""
     buffers = _run_launches(forward_plan(problem), {"q": q, "k": k, "v": v}, problem)
-    return buffers["out"], buffers["lse"]
+    return tuple(buffers[name] for name in FORWARD_OUTPUTS + kept_buffers(problem))
 
 
-def triton_backward(residuals, cotangents, problem):
-    """(dq, dk, dv) from the forward's (q, k, v, out, lse) and the (dout, dlse) cotangents."""
-    names = ("q", "k", "v", "out", "lse", "dout", "dlse")
-    buffers = _run_launches(backward_plan(problem), dict(zip(names, residuals + cotangents)),
+def triton_backward(arrays, problem):
+    """(dq, dk, dv) from the plan.backward_inputs(problem) arrays: the forward's
+    residuals and the (dout, dlse) cotangents."""
+    buffers = _run_launches(backward_plan(problem), dict(zip(backward_inputs(problem), arrays)),
                             problem)
     return buffers["dq"], buffers["dk"], buffers["dv"]

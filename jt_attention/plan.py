@@ -58,6 +58,16 @@ class Problem:
         return seq * heads * d, heads * d, d
 
     @property
+    def keeps_probs(self):
+        """Whether the two-pass forward's probabilities are kept for the backward.
+
+        Only where they are no bigger than the output (kv_len <= head_dim, as on the
+        seed workload): the residuals then stay O(B·H·S·D), and the backward skips
+        recomputing Q.K^T over the whole head dim (a fifth of its FLOPs; 1.0 ms of
+        7.4 on the seed workload, H100)."""
+        return not self.uses_flash_kernel and self.seq_k <= self.head_dim
+
+    @property
     def kv_slices(self):
         """(slice length, number of slices) for the split-KV forward, or None.
 
@@ -179,20 +189,26 @@ def _split_kv_plan(p):
     return [split, combine]
 
 
+def _score_tile_buffers(p, tile_n):
+    """Probabilities exp2(s - m_t) per TILE_N keys, and their row max m_t and row sum."""
+    num_tiles = triton.cdiv(p.seq_k, tile_n)
+    stats_shape = (p.batch, p.num_heads, num_tiles, p.seq_q)
+    return (Buffer("tile_probs", (p.batch, p.num_heads, p.seq_q, num_tiles * tile_n),
+                   np.dtype(p.dtype)),
+            Buffer("tile_max", stats_shape, np.dtype(np.float32)),
+            Buffer("tile_sum", stats_shape, np.dtype(np.float32)))
+
+
 def _two_pass_plan(p, tile_n):
     num_tiles = triton.cdiv(p.seq_k, tile_n)
     batch_heads = p.batch * p.num_heads
-    stats_shape = (batch_heads, num_tiles, p.seq_q)
     scores = Launch(
-        two_pass_forward._score_tiles_kernel, ("q", "k"),
-        (Buffer("probs", (batch_heads, p.seq_q, num_tiles * tile_n), np.dtype(p.dtype)),
-         Buffer("tile_max", stats_shape, np.dtype(np.float32)),
-         Buffer("tile_sum", stats_shape, np.dtype(np.float32))),
+        two_pass_forward._score_tiles_kernel, ("q", "k"), _score_tile_buffers(p, tile_n),
         lambda meta: _grid(p, num_tiles, triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
         dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
              **_stride_constexprs(p, "Q", "K")))
     values = Launch(
-        two_pass_forward._weighted_values_kernel, ("probs", "tile_max", "tile_sum", "v"),
+        two_pass_forward._weighted_values_kernel, ("tile_probs", "tile_max", "tile_sum", "v"),
         _output_buffers(p),
         lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]),
                            triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
@@ -200,8 +216,16 @@ def _two_pass_plan(p, tile_n):
     return [scores, values]
 
 
+FORWARD_OUTPUTS = ("out", "lse")
+
+
+def kept_buffers(p):
+    """Forward buffers the backward reads besides q, k, v, out and lse (Problem.keeps_probs)."""
+    return ("tile_probs", "tile_max") if p.keeps_probs else ()
+
+
 def forward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
-    """The launches of the forward pass; the last one writes `out` and `lse`."""
+    """The launches of the forward pass; they write FORWARD_OUTPUTS and kept_buffers(p)."""
     if p.kv_slices:
         return _split_kv_plan(p)
     if p.uses_flash_kernel:
@@ -209,8 +233,13 @@ def forward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
     return _two_pass_plan(p, score_tile_n)
 
 
-# Backward: buffers "q", "k", "v", "out", "lse" (forward residuals), "dout" and "dlse"
-# (cotangents) in; "dq", "dk", "dv" out, shaped and typed like q, k and v.
+# Backward: buffers "q", "k", "v", "out", "lse" and kept_buffers(p) (forward
+# residuals), "dout" and "dlse" (cotangents) in; "dq", "dk", "dv" out, shaped and
+# typed like q, k and v.
+
+def backward_inputs(p):
+    return ("q", "k", "v") + FORWARD_OUTPUTS + kept_buffers(p) + ("dout", "dlse")
+
 
 def _grad_buffers(p, *names):
     shapes = {"dq": _layout_shape(p, p.seq_q, p.num_heads),
@@ -269,24 +298,36 @@ def _probs_stride(p):
     return triton.cdiv(p.seq_k, 8) * 8
 
 
-def _two_pass_backward_plan(p):
-    probs_shape = (p.batch * p.num_heads, p.seq_q, _probs_stride(p))
-    score_grads = Launch(
-        two_pass_backward._score_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
-        (Buffer("probs", probs_shape, np.dtype(p.dtype)),
-         Buffer("dscores", probs_shape, np.dtype(p.dtype))),
-        lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
-                           triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads),
-        dict(SCALE=p.scale, PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
-             **_stride_constexprs(p, "Q", "K", "V", "DO")))
-    return [score_grads,
+def _score_grads_launch(p, score_tile_n):
+    """P and dS for every visible score tile, P from the forward where it was kept."""
+    probs_shape = (p.batch, p.num_heads, p.seq_q, _probs_stride(p))
+    outputs = (Buffer("probs", probs_shape, np.dtype(p.dtype)),
+               Buffer("dscores", probs_shape, np.dtype(p.dtype)))
+    grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
+                              triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
+    constexprs = dict(PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
+                      **_stride_constexprs(p, "V", "DO"))
+    if p.keeps_probs:
+        return Launch(two_pass_backward._score_grads_from_probs_kernel,
+                      ("v", "dout", "tile_probs", "tile_max", "lse", "delta"), outputs, grid,
+                      dict(TILE_N=score_tile_n, **constexprs))
+    return Launch(two_pass_backward._score_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
+                  outputs, grid,
+                  dict(SCALE=p.scale, **constexprs, **_stride_constexprs(p, "Q", "K")))
+
+
+def _two_pass_backward_plan(p, score_tile_n):
+    return [_delta_launch(p),
+            _score_grads_launch(p, score_tile_n),
             _probs_matmul_launch(p, "probs", "dout", "dv", 1.0),
             _probs_matmul_launch(p, "dscores", "q", "dk", p.scale),
             _probs_matmul_launch(p, "dscores", "k", "dq", p.scale)]
 
 
-def backward_plan(p):
-    """The launches of the backward pass; together they write "dq", "dk" and "dv"."""
+def backward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
+    """The launches of the backward pass; together they write "dq", "dk" and "dv".
+
+    score_tile_n: the forward's (forward_plan), which laid out the kept probabilities."""
     if p.uses_flash_kernel:
         return _flash_backward_plan(p)
-    return [_delta_launch(p)] + _two_pass_backward_plan(p)
+    return _two_pass_backward_plan(p, score_tile_n)

@@ -161,6 +161,12 @@ SCORE_GRADS = dict(
     small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
 )
+SCORE_GRADS_FROM_PROBS = dict(  # BLOCK_N divides SCORE_TILE_N
+    h100=[_config(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),    # seed
+          _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)],   # seed, causal
+    small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+                 _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
+)
 PROBS_MATMUL = dict(
     h100=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),   # seed
           _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)],  # head dim 512
@@ -200,6 +206,14 @@ def _score_grads_shared_bytes(config, block_d, itemsize):
             + 2 * _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
 
 
+def _score_grads_from_probs_shared_bytes(config, block_d, itemsize):
+    del block_d  # the head dim is streamed in BLOCK_K chunks
+    blocks = config.kwargs
+    pipeline = (blocks["BLOCK_M"] + blocks["BLOCK_N"]) * blocks["BLOCK_K"] * config.num_stages
+    return (pipeline * itemsize
+            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
+
+
 def _probs_matmul_shared_bytes(config, block_d, itemsize):
     del block_d  # the output is split into BLOCK_D chunks
     blocks = config.kwargs
@@ -237,6 +251,9 @@ KERNEL_TUNING = {
         KernelTuning(**FLASH_QUERY_GRADS, shared_bytes=_query_grads_shared_bytes),
     two_pass_backward._score_grads_kernel:
         KernelTuning(**SCORE_GRADS, shared_bytes=_score_grads_shared_bytes),
+    two_pass_backward._score_grads_from_probs_kernel:
+        KernelTuning(**SCORE_GRADS_FROM_PROBS,
+                     shared_bytes=_score_grads_from_probs_shared_bytes),
     two_pass_backward._probs_matmul_kernel:
         KernelTuning(**PROBS_MATMUL, shared_bytes=_probs_matmul_shared_bytes),
 }

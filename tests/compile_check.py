@@ -19,11 +19,13 @@ from jt_attention import plan, tuning
 TARGETS = {"8.9": 89, "9.0": 90}
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 # (dtype, head_dim, causal, seq_q, seq_k): each kernel, each dtype, every side of the
-# dispatch (flash, split-KV for decoding shapes, two-pass).
+# dispatch (flash, split-KV for decoding shapes, two-pass with the forward's
+# probabilities kept or recomputed).
 PROBLEMS = [("float16", 64, True, 300, 257), ("bfloat16", 256, False, 300, 257),
             ("float32", 64, True, 300, 257), ("float16", 1024, True, 300, 257),
             ("bfloat16", 520, False, 300, 257), ("float32", 72, False, 300, 257),
-            ("float16", 256, False, 1, 4096), ("float32", 64, True, 16, 2048)]
+            ("float16", 256, False, 1, 4096), ("float32", 64, True, 16, 2048),
+            ("float16", 264, True, 300, 300)]  # recomputed probabilities (kv_len > head_dim)
 
 
 def compile_launch(launch, buffer_dtypes, config, compute_capability):

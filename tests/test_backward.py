@@ -29,12 +29,26 @@ CASES = [
     (1, 1, 97, 2, 2, 40, "float16", False),      # one query, head dim not a power of 2
     (1, 33, 50, 2, 2, 256, "float16", True),     # largest flash head dim
     (1, 5, 1100, 4, 2, 64, "float16", False),    # decoding shape: split-KV forward
-    # score grads + GEMMs
+    # score grads + GEMMs, on the forward's kept probabilities (kv_len <= head_dim)
     (1, 50, 33, 2, 2, 72, "float32", False),     # fp32 rows past 256 bytes
     (1, 33, 50, 4, 2, 264, "float16", True),     # just past the flash boundary, grouped
     (1, 20, 30, 2, 2, 512, "bfloat16", True),
     (1, 17, 19, 2, 2, 1000, "float16", False),   # head dim not a multiple of the chunks
+    (1, 45, 40, 2, 2, 96, "float32", True),      # causal with q_len > kv_len, ragged tile
+    # score grads + GEMMs, recomputing the probabilities (kv_len > head_dim)
+    (1, 21, 130, 2, 2, 72, "float32", True),
+    (1, 37, 300, 4, 2, 264, "float16", False),
 ]
+
+
+def test_cases_take_every_backward_path():
+    kernels = set()
+    for b, sq, sk, n, k, d, dtype, causal in CASES:
+        problem = plan.Problem(b, sq, sk, n, k, d, np.dtype(DTYPES[dtype]), 0.1, causal)
+        kernels.update(launch.kernel.fn.__name__ for launch in plan.backward_plan(problem))
+    assert kernels == {kernel.fn.__name__ for kernel in tuning.KERNEL_TUNING} - {
+        "_flash_forward_kernel", "_split_kv_kernel", "_split_kv_combine_kernel",
+        "_score_tiles_kernel", "_weighted_values_kernel"}
 
 
 def _case_id(case):
@@ -169,16 +183,17 @@ def test_forward_mode_raises():
 
 
 @pytest.mark.skipif(IMPL != "interpret", reason="runs the GPU block sizes in the interpreter")
-@pytest.mark.parametrize("head_dim,causal", [(64, True), (256, False), (520, True)])
-def test_gpu_block_sizes_in_interpreter(head_dim, causal):
+@pytest.mark.parametrize("head_dim,causal,seq_k", [(64, True, 230), (256, False, 230),
+                                                   (520, True, 230), (264, False, 300)])
+def test_gpu_block_sizes_in_interpreter(head_dim, causal, seq_k):
     """Every shipped backward config, run by the interpreter on sequences that cross it."""
-    (q, k, v), seed = random_inputs(1, 150, 230, 2, 1, head_dim, "float16")
+    (q, k, v), seed = random_inputs(1, 150, seq_k, 2, 1, head_dim, "float16")
     dout = _cotangent(q.shape, "float16")
-    problem = plan.Problem(1, 150, 230, 2, 1, head_dim, np.dtype(np.float16),
+    problem = plan.Problem(1, 150, seq_k, 2, 1, head_dim, np.dtype(np.float16),
                            1 / np.sqrt(head_dim), causal)
     forward = interpret.run_interpreted(plan.forward_plan(problem), {"q": q, "k": k, "v": v})
-    arrays = {"q": q, "k": k, "v": v, "out": forward["out"], "lse": forward["lse"],
-              "dout": dout, "dlse": np.zeros_like(forward["lse"])}
+    arrays = {"q": q, "k": k, "v": v, "dout": dout, "dlse": np.zeros_like(forward["lse"]),
+              **{name: forward[name] for name in plan.FORWARD_OUTPUTS + plan.kept_buffers(problem)}}
     launches = plan.backward_plan(problem)
     expected = attention_grads_float64(q, k, v, dout, problem.scale, causal)
     per_kernel = [tuning.fitting_configs(l.kernel, "9.0", 2, problem.block_d) for l in launches]
@@ -197,6 +212,7 @@ GPU_SWEEP = [
     (256, "float16", True, 1537, 777), (64, "float32", False, 777, 1537),
     (512, "float16", True, 1000, 1000), (1024, "bfloat16", False, 777, 1537),
     (96, "float32", True, 1000, 1000),
+    (1024, "float16", True, 777, 1000), (520, "bfloat16", False, 1000, 333),  # kept P
 ]
 
 
