@@ -44,7 +44,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     Supported: float16, bfloat16 and float32 (query, key and value alike); head_dim
     16 to 1024 (kernels: a flash online-softmax kernel up to 256, 64 for float32;
     above, two launches that write the probabilities once, O(B*N*T*S) extra memory,
-    kept for the backward where kv_len <= head_dim);
+    and, under jax.grad where kv_len <= head_dim, the softmax kept for the backward);
     any q_len and kv_len >= 1.
 
     Differentiable in reverse mode (jax.grad, jax.vjp, also under jit and remat) with
@@ -177,27 +177,29 @@ def _attention(query, key, value, problem, implementation):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _kernel_attention(query, key, value, problem, implementation):
-    out, lse, *_ = _kernel_forward(query, key, value, problem, implementation)
-    return out, lse
+    return _kernel_forward(query, key, value, problem, implementation, for_backward=False)
 
 
-def _kernel_forward(query, key, value, problem, implementation):
-    """(out, lse, *kept): `kept` are the forward buffers its backward reuses (plan.kept_buffers)."""
-    return _foldable(_launch_forward, problem, implementation)(query, key, value)
+def _kernel_forward(query, key, value, problem, implementation, for_backward):
+    """(out, lse, *kept): `kept` are the buffers a backward pass reuses (plan.kept_buffers),
+    written only `for_backward`."""
+    launch = functools.partial(_launch_forward, for_backward=for_backward)
+    return tuple(_foldable(launch, problem, implementation)(query, key, value))
 
 
-def _launch_forward(problem, implementation, query, key, value):
+def _launch_forward(problem, implementation, query, key, value, for_backward):
     if implementation == "triton":
         from jt_attention.launch import triton_forward
-        return triton_forward(query, key, value, problem)
+        return triton_forward(query, key, value, problem, for_backward)
     from jt_attention.interpret import interpret_forward
-    return interpret_forward(query, key, value, problem)
+    return interpret_forward(query, key, value, problem, for_backward)
 
 
 def _kernel_attention_fwd(query, key, value, problem, implementation):
-    out, lse, *kept = _kernel_forward(query, key, value, problem, implementation)
+    out, lse, *kept = _kernel_forward(query, key, value, problem, implementation,
+                                      for_backward=True)
     # Residuals are O(B·H·S·D) and O(B·H·S): the backward recomputes the probabilities,
-    # unless the two-pass forward's are no bigger than the output (Problem.keeps_probs).
+    # unless the forward could keep them no bigger than the output (Problem.keeps_probs).
     return (out, lse), (query, key, value, out, lse, *kept)
 
 

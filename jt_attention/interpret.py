@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 
-from jt_attention.plan import (FORWARD_OUTPUTS, backward_inputs, backward_plan, forward_plan,
-                               kept_buffers)
+from jt_attention.plan import backward_inputs, backward_plan, forward_outputs, forward_plan
 
 INTERPRETER_SCORE_TILE_N = 32
 INTERPRETER_BLOCKS = {
@@ -25,11 +24,12 @@ INTERPRETER_BLOCKS = {
     "_split_kv_combine_kernel": dict(BLOCK_M=16),
     "_score_tiles_kernel": dict(BLOCK_M=32, BLOCK_K=32),
     "_weighted_values_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64),
+    "_weighted_values_keeping_probs_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64),
     "_output_grad_dot_kernel": dict(BLOCK_M=16, BLOCK_D=64),
     "_flash_key_grads_kernel": dict(BLOCK_M=16, BLOCK_N=32),
     "_flash_query_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16),
     "_score_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
-    "_score_grads_from_probs_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
+    "_dscores_from_probs_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
     "_probs_matmul_kernel": dict(BLOCK_R=32, BLOCK_C=16, BLOCK_D=64),
 }
 
@@ -113,13 +113,13 @@ def run_interpreted(launches, arrays, blocks=None):
     return {name: _to_numpy(t, dtypes[name]) for name, t in buffers.items()}
 
 
-def interpret_forward(q, k, v, problem):
+def interpret_forward(q, k, v, problem, for_backward):
     """(out, lse [B, H, Sq] fp32, *kept) from the interpreted kernels, kept being
-    plan.kept_buffers(problem); works under jit."""
+    plan.kept_buffers(problem) if `for_backward`, else none; works under jit."""
     _require_interpreter()
-    launches = forward_plan(problem, score_tile_n=INTERPRETER_SCORE_TILE_N)
+    launches = forward_plan(problem, for_backward, score_tile_n=INTERPRETER_SCORE_TILE_N)
     written = {b.name: b for launch in launches for b in launch.outputs}
-    names = FORWARD_OUTPUTS + kept_buffers(problem)
+    names = forward_outputs(problem, for_backward)
     result_shapes = tuple(jax.ShapeDtypeStruct(written[n].shape, written[n].dtype) for n in names)
 
     def host(q, k, v):
@@ -133,7 +133,7 @@ def interpret_backward(arrays, problem):
     """(dq, dk, dv) from the interpreted backward kernels, given the
     plan.backward_inputs(problem) arrays; works under jit."""
     _require_interpreter()
-    launches = backward_plan(problem, score_tile_n=INTERPRETER_SCORE_TILE_N)
+    launches = backward_plan(problem)
     grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays[:3])
 
     def host(*arrays):

@@ -11,8 +11,7 @@ import inspect
 import jax
 
 from jt_attention import tuning
-from jt_attention.plan import (FORWARD_OUTPUTS, backward_inputs, backward_plan, forward_plan,
-                               kept_buffers)
+from jt_attention.plan import backward_inputs, backward_plan, forward_outputs, forward_plan
 
 
 @functools.cache
@@ -44,11 +43,12 @@ def _run_launches(launches, buffers, problem):
     return buffers
 
 
-def triton_forward(q, k, v, problem):
-    """(out, lse [B, H, Sq] fp32, *kept) on the GPU, kept being plan.kept_buffers(problem);
-    traceable, no host synchronisation."""
-    buffers = _run_launches(forward_plan(problem), {"q": q, "k": k, "v": v}, problem)
-    return tuple(buffers[name] for name in FORWARD_OUTPUTS + kept_buffers(problem))
+def triton_forward(q, k, v, problem, for_backward):
+    """(out, lse [B, H, Sq] fp32, *kept) on the GPU, kept being plan.kept_buffers(problem)
+    if `for_backward`, else none; traceable, no host synchronisation."""
+    buffers = _run_launches(forward_plan(problem, for_backward), {"q": q, "k": k, "v": v},
+                            problem)
+    return tuple(buffers[name] for name in forward_outputs(problem, for_backward))
 
 
 def triton_backward(arrays, problem):

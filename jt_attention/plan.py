@@ -59,12 +59,13 @@ class Problem:
 
     @property
     def keeps_probs(self):
-        """Whether the two-pass forward's probabilities are kept for the backward.
+        """Whether the two-pass forward, run for a backward pass, also writes the
+        softmax P for it to keep.
 
-        Only where they are no bigger than the output (kv_len <= head_dim, as on the
-        seed workload): the residuals then stay O(B·H·S·D), and the backward skips
+        Only where P is no bigger than the output (kv_len <= head_dim, as on the seed
+        workload): the residuals then stay O(B·H·S·D), and the backward skips
         recomputing Q.K^T over the whole head dim (a fifth of its FLOPs; 1.0 ms of
-        7.4 on the seed workload, H100)."""
+        7.4 on the seed workload, H100) and writing P itself."""
         return not self.uses_flash_kernel and self.seq_k <= self.head_dim
 
     @property
@@ -199,7 +200,14 @@ def _score_tile_buffers(p, tile_n):
             Buffer("tile_sum", stats_shape, np.dtype(np.float32)))
 
 
-def _two_pass_plan(p, tile_n):
+def _probs_buffer(p, name):
+    """[B, H, Sq, Sk] probabilities or their gradients, in the input dtype; rows padded
+    to whole 16-byte vectors."""
+    return Buffer(name, (p.batch, p.num_heads, p.seq_q, _probs_stride(p)), np.dtype(p.dtype))
+
+
+def _two_pass_plan(p, tile_n, keep_probs):
+    """keep_probs: the values launch also writes the softmax P (Problem.keeps_probs)."""
     num_tiles = triton.cdiv(p.seq_k, tile_n)
     batch_heads = p.batch * p.num_heads
     scores = Launch(
@@ -208,11 +216,14 @@ def _two_pass_plan(p, tile_n):
         dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
              **_stride_constexprs(p, "Q", "K")))
     values = Launch(
-        two_pass_forward._weighted_values_kernel, ("tile_probs", "tile_max", "tile_sum", "v"),
-        _output_buffers(p),
-        lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]),
+        (two_pass_forward._weighted_values_keeping_probs_kernel if keep_probs
+         else two_pass_forward._weighted_values_kernel),
+        ("tile_probs", "tile_max", "tile_sum", "v"),
+        _output_buffers(p) + ((_probs_buffer(p, "probs"),) if keep_probs else ()),
+        lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]) + keep_probs,
                            triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
-        dict(TILE_N=tile_n, **_common_constexprs(p), **_stride_constexprs(p, "V", "O")))
+        dict(TILE_N=tile_n, **_common_constexprs(p), **_stride_constexprs(p, "V", "O"),
+             **(dict(PROBS_STRIDE=_probs_stride(p)) if keep_probs else {})))
     return [scores, values]
 
 
@@ -221,16 +232,22 @@ FORWARD_OUTPUTS = ("out", "lse")
 
 def kept_buffers(p):
     """Forward buffers the backward reads besides q, k, v, out and lse (Problem.keeps_probs)."""
-    return ("tile_probs", "tile_max") if p.keeps_probs else ()
+    return ("probs",) if p.keeps_probs else ()
 
 
-def forward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
-    """The launches of the forward pass; they write FORWARD_OUTPUTS and kept_buffers(p)."""
+def forward_outputs(p, for_backward):
+    """What a forward pass returns: FORWARD_OUTPUTS, then kept_buffers(p) for a backward."""
+    return FORWARD_OUTPUTS + (kept_buffers(p) if for_backward else ())
+
+
+def forward_plan(p, for_backward=False, score_tile_n=tuning.SCORE_TILE_N):
+    """The launches of the forward pass; they write FORWARD_OUTPUTS, and kept_buffers(p)
+    too if `for_backward`."""
     if p.kv_slices:
         return _split_kv_plan(p)
     if p.uses_flash_kernel:
         return _flash_plan(p)
-    return _two_pass_plan(p, score_tile_n)
+    return _two_pass_plan(p, score_tile_n, keep_probs=for_backward and p.keeps_probs)
 
 
 # Backward: buffers "q", "k", "v", "out", "lse" and kept_buffers(p) (forward
@@ -298,36 +315,32 @@ def _probs_stride(p):
     return triton.cdiv(p.seq_k, 8) * 8
 
 
-def _score_grads_launch(p, score_tile_n):
-    """P and dS for every visible score tile, P from the forward where it was kept."""
-    probs_shape = (p.batch, p.num_heads, p.seq_q, _probs_stride(p))
-    outputs = (Buffer("probs", probs_shape, np.dtype(p.dtype)),
-               Buffer("dscores", probs_shape, np.dtype(p.dtype)))
+def _score_grads_launch(p):
+    """dS for every visible score tile, from the forward's P where it was kept; else
+    P is recomputed and written too."""
     grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
                               triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
     constexprs = dict(PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
                       **_stride_constexprs(p, "V", "DO"))
     if p.keeps_probs:
-        return Launch(two_pass_backward._score_grads_from_probs_kernel,
-                      ("v", "dout", "tile_probs", "tile_max", "lse", "delta"), outputs, grid,
-                      dict(TILE_N=score_tile_n, **constexprs))
+        return Launch(two_pass_backward._dscores_from_probs_kernel,
+                      ("v", "dout", "probs", "delta"), (_probs_buffer(p, "dscores"),), grid,
+                      constexprs)
     return Launch(two_pass_backward._score_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
-                  outputs, grid,
+                  (_probs_buffer(p, "probs"), _probs_buffer(p, "dscores")), grid,
                   dict(SCALE=p.scale, **constexprs, **_stride_constexprs(p, "Q", "K")))
 
 
-def _two_pass_backward_plan(p, score_tile_n):
+def _two_pass_backward_plan(p):
     return [_delta_launch(p),
-            _score_grads_launch(p, score_tile_n),
+            _score_grads_launch(p),
             _probs_matmul_launch(p, "probs", "dout", "dv", 1.0),
             _probs_matmul_launch(p, "dscores", "q", "dk", p.scale),
             _probs_matmul_launch(p, "dscores", "k", "dq", p.scale)]
 
 
-def backward_plan(p, score_tile_n=tuning.SCORE_TILE_N):
-    """The launches of the backward pass; together they write "dq", "dk" and "dv".
-
-    score_tile_n: the forward's (forward_plan), which laid out the kept probabilities."""
+def backward_plan(p):
+    """The launches of the backward pass; together they write "dq", "dk" and "dv"."""
     if p.uses_flash_kernel:
         return _flash_backward_plan(p)
-    return _two_pass_backward_plan(p, score_tile_n)
+    return _two_pass_backward_plan(p)

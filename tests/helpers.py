@@ -2,11 +2,21 @@
 
 import jax.numpy as jnp
 import numpy as np
+from jt_attention import plan
 from jt_attention.interpret import interpreter_enabled
 
 # ||out - ref|| / ||ref|| bounds: about 5x the errors measured (GUIDE.md 5).
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 DTYPES = {"float16": np.float16, "bfloat16": jnp.dtype("bfloat16"), "float32": np.float32}
+
+
+def every_launch(problem):
+    """Each launch a problem can run: the forward for a backward pass, the launches
+    that only an inference forward has, and the backward."""
+    for_backward = plan.forward_plan(problem, for_backward=True)
+    kernels = {launch.kernel for launch in for_backward}
+    return (for_backward + [l for l in plan.forward_plan(problem) if l.kernel not in kernels]
+            + plan.backward_plan(problem))
 
 
 def kernel_implementation():

@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 import jt_attention
 from jt_attention import interpret, plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
-                     kernel_implementation, random_inputs, relative_error)
+                     every_launch, kernel_implementation, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -29,7 +29,7 @@ CASES = [
     (1, 1, 97, 2, 2, 40, "float16", False),      # one query, head dim not a power of 2
     (1, 33, 50, 2, 2, 256, "float16", True),     # largest flash head dim
     (1, 5, 1100, 4, 2, 64, "float16", False),    # decoding shape: split-KV forward
-    # score grads + GEMMs, on the forward's kept probabilities (kv_len <= head_dim)
+    # score grads + GEMMs, on the softmax the forward kept (kv_len <= head_dim)
     (1, 50, 33, 2, 2, 72, "float32", False),     # fp32 rows past 256 bytes
     (1, 33, 50, 4, 2, 264, "float16", True),     # just past the flash boundary, grouped
     (1, 20, 30, 2, 2, 512, "bfloat16", True),
@@ -48,7 +48,7 @@ def test_cases_take_every_backward_path():
         kernels.update(launch.kernel.fn.__name__ for launch in plan.backward_plan(problem))
     assert kernels == {kernel.fn.__name__ for kernel in tuning.KERNEL_TUNING} - {
         "_flash_forward_kernel", "_split_kv_kernel", "_split_kv_combine_kernel",
-        "_score_tiles_kernel", "_weighted_values_kernel"}
+        "_score_tiles_kernel", "_weighted_values_kernel", "_weighted_values_keeping_probs_kernel"}
 
 
 def _case_id(case):
@@ -186,21 +186,21 @@ def test_forward_mode_raises():
 @pytest.mark.parametrize("head_dim,causal,seq_k", [(64, True, 230), (256, False, 230),
                                                    (520, True, 230), (264, False, 300)])
 def test_gpu_block_sizes_in_interpreter(head_dim, causal, seq_k):
-    """Every shipped backward config, run by the interpreter on sequences that cross it."""
+    """Every shipped config of the forward for a backward pass and of the backward, run
+    by the interpreter on sequences that cross its blocks."""
     (q, k, v), seed = random_inputs(1, 150, seq_k, 2, 1, head_dim, "float16")
     dout = _cotangent(q.shape, "float16")
     problem = plan.Problem(1, 150, seq_k, 2, 1, head_dim, np.dtype(np.float16),
                            1 / np.sqrt(head_dim), causal)
-    forward = interpret.run_interpreted(plan.forward_plan(problem), {"q": q, "k": k, "v": v})
-    arrays = {"q": q, "k": k, "v": v, "dout": dout, "dlse": np.zeros_like(forward["lse"]),
-              **{name: forward[name] for name in plan.FORWARD_OUTPUTS + plan.kept_buffers(problem)}}
-    launches = plan.backward_plan(problem)
+    launches = plan.forward_plan(problem, for_backward=True) + plan.backward_plan(problem)
+    inputs = {"q": q, "k": k, "v": v, "dout": dout,
+              "dlse": np.zeros((1, 2, 150), np.float32)}
     expected = attention_grads_float64(q, k, v, dout, problem.scale, causal)
     per_kernel = [tuning.fitting_configs(l.kernel, "9.0", 2, problem.block_d) for l in launches]
     for i in range(max(map(len, per_kernel))):
         blocks = {l.kernel.fn.__name__: configs[min(i, len(configs) - 1)].kwargs
                   for l, configs in zip(launches, per_kernel)}
-        grads = interpret.run_interpreted(launches, arrays, blocks)
+        grads = interpret.run_interpreted(launches, inputs, blocks)
         for name, want in zip(("dq", "dk", "dv"), expected):
             assert relative_error(grads[name], want) < TOLERANCE["float16"], f"{seed=} {blocks=}"
 
@@ -236,3 +236,34 @@ def test_sweep_matches_jax_nn_on_gpu(head_dim, dtype, causal, seq_q, seq_k):
         ours_error = relative_error(got, want)
         assert ours_error < TOLERANCE[dtype], f"d{name} {seed=}"
         assert ours_error < 2 * relative_error(theirs, want) + 1e-5, f"d{name} {seed=}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(IMPL != "triton", reason="compiles every H100 config on the GPU")
+@pytest.mark.parametrize("head_dim,dtype,causal,seq_q,seq_k", [
+    (1024, "float16", False, 512, 512), (1024, "float16", True, 512, 512),  # the seed's rows
+    (520, "bfloat16", True, 1000, 333), (264, "float16", False, 300, 777)])
+def test_every_config_on_gpu(monkeypatch, head_dim, dtype, causal, seq_q, seq_k):
+    """Each shipped config of every launch, forced one at a time on the GPU: autotuning
+    must never be able to pick a config that computes a wrong result (session 6 found
+    one that did on the seed workload: WORKSPACE_NOTES.md)."""
+    (q, k, v), seed = random_inputs(2, seq_q, seq_k, 4, 4, head_dim, dtype)
+    dout = _cotangent(q.shape, dtype)
+    problem = plan.Problem(2, seq_q, seq_k, 4, 4, head_dim, np.dtype(DTYPES[dtype]),
+                           1 / np.sqrt(head_dim), causal)
+    out_want, _ = attention_float64(q, k, v, problem.scale, causal)
+    grads_want = attention_grads_float64(q, k, v, dout, problem.scale, causal)
+    fitting = tuning.fitting_configs
+    per_kernel = {l.kernel: fitting(l.kernel, "9.0", problem.itemsize, problem.block_d)
+                  for l in every_launch(problem)}
+    attend = lambda q, k, v: jt_attention.dot_product_attention(q, k, v, is_causal=causal)
+    for i in range(max(map(len, per_kernel.values()))):
+        forced = {kernel: [configs[min(i, len(configs) - 1)]]
+                  for kernel, configs in per_kernel.items()}
+        monkeypatch.setattr(tuning, "fitting_configs", lambda kernel, *_: forced[kernel])
+        out = jax.jit(attend)(q, k, v)
+        grads = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](dout))(q, k, v)
+        where = f"{seed=} configs={[str(c[0]) for c in forced.values()]}"
+        assert relative_error(out, out_want) < TOLERANCE[dtype], where
+        for name, got, want in zip("qkv", grads, grads_want):
+            assert relative_error(got, want) < TOLERANCE[dtype], f"d{name} {where}"

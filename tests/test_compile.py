@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from jt_attention import interpret, plan, tuning
+from jt_attention import plan, tuning
+from helpers import every_launch
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_tensor_cores_used(compiled):
 def test_every_problem_keeps_a_config(compute_capability, itemsize, head_dim, seq_q, seq_k):
     problem = plan.Problem(1, seq_q, seq_k, 2, 2, head_dim,
                            {2: "float16", 4: "float32"}[itemsize], 0.1, False)
-    for launch in plan.forward_plan(problem) + plan.backward_plan(problem):
+    for launch in every_launch(problem):
         assert tuning.fitting_configs(launch.kernel, compute_capability, itemsize,
                                       problem.block_d)
 
@@ -84,7 +85,7 @@ def test_every_config_is_kept_somewhere():
             ("8.9", "9.0"), (2, 4), (16, 64, 128, 256, 1024), (1, 100), (4096, 100)):
         problem = plan.Problem(1, seq_q, seq_k, 2, 2, head_dim,
                                {2: "float16", 4: "float32"}[itemsize], 0.1, False)
-        for launch in plan.forward_plan(problem) + plan.backward_plan(problem):
+        for launch in every_launch(problem):
             kept[launch.kernel].update(
                 map(str, tuning.fitting_configs(launch.kernel, cc, itemsize, problem.block_d)))
     for kernel, kernel_tuning in tuning.KERNEL_TUNING.items():
@@ -97,17 +98,6 @@ def test_min_block_rows_bounds_every_config():
         for config in kernel_tuning.configs:
             rows = [v for k, v in config.kwargs.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_R")]
             assert min(rows) >= tuning.MIN_BLOCK_ROWS, config
-
-
-def test_kept_probability_reader_stays_within_one_score_tile():
-    """The score grads from the forward's kept probabilities take one tile's row
-    maxima per program: its key blocks must divide the score tile."""
-    from jt_attention.kernels import two_pass_backward
-    kernel = two_pass_backward._score_grads_from_probs_kernel
-    for config in tuning.KERNEL_TUNING[kernel].configs:
-        assert tuning.SCORE_TILE_N % config.kwargs["BLOCK_N"] == 0, config
-    assert interpret.INTERPRETER_SCORE_TILE_N % interpret.INTERPRETER_BLOCKS[
-        kernel.fn.__name__]["BLOCK_N"] == 0
 
 
 def test_wide_indexing_only_past_the_limits():

@@ -5,12 +5,12 @@ fit for D = 1024, and recomputing the scores per D-chunk would multiply their FL
 (the forward's reasoning, two_pass_forward.py). So:
 
 1. The score gradients, one program per (BLOCK_M x BLOCK_N) score tile:
-   dP = dO.V^T as a GEMM over the head dim, then P and dS = P * (dP - delta),
-   written once in the input dtype (delta from backward_preprocess). P comes from
-   the forward's per-tile probabilities where it kept them, as they are no bigger
-   than the output (plan.Problem.keeps_probs; `_score_grads_from_probs_kernel`),
-   else from S = Q.K^T recomputed in the same loop (`_score_grads_kernel`). Tiles
-   wholly above the causal diagonal are skipped (never written, never read).
+   dP = dO.V^T as a GEMM over the head dim, then dS = P * (dP - delta), written once
+   in the input dtype (delta from backward_preprocess). Where the forward kept the
+   softmax P, as it is no bigger than the output (plan.Problem.keeps_probs), it is
+   read back (`_dscores_from_probs_kernel`); else P is recomputed from S = Q.K^T in
+   the same loop and written too (`_score_grads_kernel`). Tiles wholly above the
+   causal diagonal are skipped (never written, never read).
    Summing delta here instead, from the dO chunks already loaded, was measured
    1.4 ms slower on the seed workload: the O loads do not pipeline
    (WORKSPACE_NOTES.md, backward v2).
@@ -29,24 +29,24 @@ from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_t
 
 
 @triton.jit
-def _store_score_grads(probs, dprobs, delta, probs_ptr, dscores_ptr, batch_head, rows, cols,
-                       SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, PROBS_STRIDE: tl.constexpr,
-                       IS_CAUSAL: tl.constexpr, RAGGED_ROWS: tl.constexpr,
-                       RAGGED_KEYS: tl.constexpr):
-    """Stores P and dS = P * (dP - delta) for one tile, with P zeroed past SEQ_K and,
-    if causal, above the diagonal (a select: the entries dropped may be NaN, from
-    memory the forward never wrote)."""
+def _visible(probs, rows, cols, SEQ_K: tl.constexpr, IS_CAUSAL: tl.constexpr,
+             RAGGED_KEYS: tl.constexpr):
+    """probs zeroed past SEQ_K and, if causal, above the diagonal (a select: the entries
+    dropped may be NaN, from memory the forward never wrote)."""
     if RAGGED_KEYS or IS_CAUSAL:
         visible = cols[None, :] < SEQ_K
         if IS_CAUSAL:  # top-left aligned: key j reaches query i iff j <= i
             visible = visible & (cols[None, :] <= rows[:, None])
         probs = tl.where(visible, probs, 0.0)
-    dscores = probs * (dprobs - delta[:, None])
-    offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
-    store_tile(probs_ptr + offsets, probs.to(probs_ptr.dtype.element_ty), rows, cols,
-               SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
-    store_tile(dscores_ptr + offsets, dscores.to(dscores_ptr.dtype.element_ty), rows, cols,
-               SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+    return probs
+
+
+@triton.jit
+def _store_scores_tile(ptr, offsets, values, rows, cols, SEQ_Q: tl.constexpr,
+                       SEQ_K: tl.constexpr, RAGGED_ROWS: tl.constexpr,
+                       RAGGED_KEYS: tl.constexpr):
+    store_tile(ptr + offsets, values.to(ptr.dtype.element_ty), rows, cols, SEQ_Q, SEQ_K,
+               RAGGED_ROWS, RAGGED_KEYS)
 
 
 @triton.jit
@@ -106,39 +106,38 @@ def _score_grads_kernel(
         lse, delta = load_row_stats(lse_ptr + batch_head * SEQ_Q, delta_ptr + batch_head * SEQ_Q,
                                     rows, SEQ_Q, RAGGED_ROWS)
         probs = tl.math.exp2(scores * (SCALE * 1.4426950408889634) - lse[:, None])
-        _store_score_grads(probs, dprobs, delta, probs_ptr, dscores_ptr, batch_head, rows, cols,
-                           SEQ_Q, SEQ_K, PROBS_STRIDE, IS_CAUSAL, RAGGED_ROWS, RAGGED_KEYS)
+        probs = _visible(probs, rows, cols, SEQ_K, IS_CAUSAL, RAGGED_KEYS)
+        offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
+        _store_scores_tile(probs_ptr, offsets, probs, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+                           RAGGED_KEYS)
+        _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,
+                           SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
 
 
 @triton.jit
-def _score_grads_from_probs_kernel(
-    v_ptr, dout_ptr, tile_probs_ptr, tile_max_ptr, lse_ptr, delta_ptr, probs_ptr, dscores_ptr,
+def _dscores_from_probs_kernel(
+    v_ptr, dout_ptr, probs_ptr, delta_ptr, dscores_ptr,
     IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
-    TILE_N: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """`_score_grads_kernel` with P = tile_probs * exp2(m_t - lse) from the forward.
+    """dS = P * (dO.V^T - delta) from the softmax P the forward kept
+    (two_pass_forward._weighted_values_keeping_probs_kernel).
 
     programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
-    tile_probs, tile_max: the forward's (two_pass_forward._score_tiles_kernel),
-    exp2(s - m_t) per TILE_N keys; BLOCK_N divides TILE_N.
     probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""
     KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
-    PADDED_K: tl.constexpr = NUM_TILES * TILE_N
     key_block, row_block, batch_head = grid_coords(KEY_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
     start_m = row_block * BLOCK_M
     start_n = key_block * BLOCK_N
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
-    kv_head = head // KV_GROUP
 
     visible_end = start_m + BLOCK_M if IS_CAUSAL else SEQ_K
     if start_n < visible_end:
@@ -147,7 +146,7 @@ def _score_grads_from_probs_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, rows, offs_k,
                               STRIDE_DOS, SEQ_Q)
-        v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, cols,
+        v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH, cols,
                            offs_k, STRIDE_VS, SEQ_K)
         RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
         RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
@@ -160,16 +159,13 @@ def _score_grads_from_probs_kernel(
             v = load_tile(v_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, RAGGED_KEYS, RAGGED_DIM)
             dprobs = tl.dot(dout, tl.trans(v), dprobs, input_precision=DOT_PRECISION)
 
-        lse, delta = load_row_stats(lse_ptr + batch_head * SEQ_Q, delta_ptr + batch_head * SEQ_Q,
-                                    rows, SEQ_Q, RAGGED_ROWS)
-        tile_max = load_rows(tile_max_ptr + (batch_head * NUM_TILES + start_n // TILE_N) * SEQ_Q,
-                             rows, SEQ_Q, RAGGED_ROWS, float("-inf"))
-        tile_probs = load_tile(tile_ptrs(tile_probs_ptr + batch_head * SEQ_Q * PADDED_K, rows,
-                                         cols, PADDED_K, SEQ_Q),
-                               rows, cols, SEQ_Q, PADDED_K, RAGGED_ROWS, False)
-        probs = tile_probs.to(tl.float32) * tl.math.exp2(tile_max - lse)[:, None]
-        _store_score_grads(probs, dprobs, delta, probs_ptr, dscores_ptr, batch_head, rows, cols,
-                           SEQ_Q, SEQ_K, PROBS_STRIDE, IS_CAUSAL, RAGGED_ROWS, RAGGED_KEYS)
+        delta = load_rows(delta_ptr + batch_head * SEQ_Q, rows, SEQ_Q, RAGGED_ROWS, 0.0)
+        offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
+        probs = load_tile(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+                          RAGGED_KEYS).to(tl.float32)
+        probs = _visible(probs, rows, cols, SEQ_K, IS_CAUSAL, False)
+        _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,
+                           SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
 
 
 @triton.jit

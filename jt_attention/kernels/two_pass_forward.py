@@ -10,7 +10,9 @@ its FLOPs. Instead (GUIDE.md section 4):
 2. `_weighted_values_kernel`, one program per (BLOCK_M rows, BLOCK_D output columns):
    merges the tile statistics into the row max m and sum l, then accumulates
    sum_t (exp(m_t - m) * P_t) . V_t and divides by l. Rescaling is one multiply per
-   element: no exp per element, and no division until the end.
+   element: no exp per element, and no division until the end. Run for a backward
+   pass that keeps P (plan.Problem.keeps_probs), `_weighted_values_keeping_probs_kernel`
+   has one more program per row block, which writes the softmax exp(m_t - m) * P_t / l.
 
 The D-chunks of one row block are adjacent in the grid, so their re-reads of P come
 from L2. Scores are in base 2, as in the flash kernel.
@@ -131,6 +133,25 @@ def _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, ro
 
 
 @triton.jit
+def _write_kept_probs(probs_ptrs, kept_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max, inv_row_sum,
+                      offs_m, offs_n, end, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+                      TILE_N: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED_ROWS: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Softmax P = exp(m_t - m) * P_t / l of the row block over keys [0, end), rounded
+    once to the input dtype; zero above the causal diagonal."""
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + offs_n
+        tile_max, _ = _tile_stats(tile_max_ptrs, tile_sum_ptrs, start_n // TILE_N, offs_m, SEQ_Q,
+                                  TILE_N, IS_CAUSAL)
+        probs = load_tile(probs_ptrs + start_n, offs_m, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, False)
+        kept = probs.to(tl.float32) * (tl.math.exp2(tile_max - row_max) * inv_row_sum)[:, None]
+        if IS_CAUSAL:  # the entries above the diagonal may be unwritten memory: a select
+            kept = tl.where(cols[None, :] <= offs_m[:, None], kept, 0.0)
+        store_tile(kept_ptrs + start_n, kept.to(probs.dtype), offs_m, cols, SEQ_Q, SEQ_K,
+                   RAGGED_ROWS, SEQ_K % BLOCK_N != 0)
+
+
+@triton.jit
 def _weighted_values_kernel(
     probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr,
     IS_CAUSAL: tl.constexpr,
@@ -146,11 +167,60 @@ def _weighted_values_kernel(
 
     BLOCK_N divides TILE_N and BLOCK_M is a multiple of BLOCK_N.
     """
+    _weighted_values(probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr, out_ptr,
+                     IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP, HEAD_DIM, STRIDE_VB,
+                     STRIDE_VS, STRIDE_VH, STRIDE_OB, STRIDE_OS, STRIDE_OH, DOT_PRECISION,
+                     TILE_N, 0, False, WIDE_INDEXING, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _weighted_values_keeping_probs_kernel(
+    probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr, kept_probs_ptr,
+    IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
+    STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """`_weighted_values_kernel` that also writes the softmax P for the backward.
+
+    programs (cdiv(HEAD_DIM, BLOCK_D) + 1, cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS):
+    the last program of each row block writes P instead of output columns (a
+    separate program: storing P from the GEMM programs' loop cost 0.2-0.5 ms of 1.4
+    on the seed workload, H100, or twice the shared memory).
+    kept_probs: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype, every
+    column below SEQ_K up to the causal diagonal's block (zero above the diagonal)."""
+    _weighted_values(probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr,
+                     kept_probs_ptr, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP, HEAD_DIM,
+                     STRIDE_VB, STRIDE_VS, STRIDE_VH, STRIDE_OB, STRIDE_OS, STRIDE_OH,
+                     DOT_PRECISION, TILE_N, PROBS_STRIDE, True, WIDE_INDEXING, BLOCK_M,
+                     BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _weighted_values(
+    probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr, kept_probs_ptr,
+    IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
+    STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    KEEP_PROBS: tl.constexpr, WIDE_INDEXING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The body of both values kernels (two entry points, as their buffers differ);
+    KEEP_PROBS adds the program that writes P."""
     NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
     PADDED_K: tl.constexpr = NUM_TILES * TILE_N
     D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    d_block, row_block, batch_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    PROGRAMS_PER_ROW_BLOCK: tl.constexpr = D_BLOCKS + 1 if KEEP_PROBS else D_BLOCKS
+    d_block, row_block, batch_head = grid_coords(PROGRAMS_PER_ROW_BLOCK, ROW_BLOCKS,
+                                                 WIDE_INDEXING)
     start_d = d_block * BLOCK_D
     start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
@@ -179,31 +249,42 @@ def _weighted_values_kernel(
 
     probs_ptrs = tile_ptrs(probs_ptr + batch_head * SEQ_Q * PADDED_K, offs_m, offs_n,
                            PADDED_K, SEQ_Q)
-    v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH, offs_n, offs_d,
-                       STRIDE_VS, SEQ_K)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
-    RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
-    # Unmasked blocks first; then the causal diagonal and the ragged tail of the keys.
-    unmasked_end = (SEQ_K // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        unmasked_end = min(unmasked_end, start_m)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, unmasked_end, BLOCK_N):
-        acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max,
-                                 start_n, offs_m, offs_n, offs_d, SEQ_Q, SEQ_K, HEAD_DIM,
-                                 STRIDE_VS, TILE_N, IS_CAUSAL, False, RAGGED_ROWS, False,
-                                 RAGGED_DIM, DOT_PRECISION)
-    for start_n in range(unmasked_end, end, BLOCK_N):
-        acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max,
-                                 start_n, offs_m, offs_n, offs_d, SEQ_Q, SEQ_K, HEAD_DIM,
-                                 STRIDE_VS, TILE_N, IS_CAUSAL, IS_CAUSAL, RAGGED_ROWS,
-                                 SEQ_K % BLOCK_N != 0, RAGGED_DIM, DOT_PRECISION)
+    writes_probs = False
+    if KEEP_PROBS:
+        writes_probs = d_block == D_BLOCKS
+    if writes_probs:
+        kept_ptrs = tile_ptrs(kept_probs_ptr + batch_head * SEQ_Q * PROBS_STRIDE, offs_m, offs_n,
+                              PROBS_STRIDE, SEQ_Q)
+        _write_kept_probs(probs_ptrs, kept_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max,
+                          1.0 / row_sum, offs_m, offs_n, end, SEQ_Q, SEQ_K, TILE_N, IS_CAUSAL,
+                          RAGGED_ROWS, BLOCK_N)
+    else:
+        v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH, offs_n,
+                           offs_d, STRIDE_VS, SEQ_K)
+        RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
+        # Unmasked blocks first; then the causal diagonal and the ragged tail of the keys.
+        unmasked_end = (SEQ_K // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            unmasked_end = min(unmasked_end, start_m)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, unmasked_end, BLOCK_N):
+            acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs,
+                                     row_max, start_n, offs_m, offs_n, offs_d, SEQ_Q, SEQ_K,
+                                     HEAD_DIM, STRIDE_VS, TILE_N, IS_CAUSAL, False, RAGGED_ROWS,
+                                     False, RAGGED_DIM, DOT_PRECISION)
+        for start_n in range(unmasked_end, end, BLOCK_N):
+            acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs,
+                                     row_max, start_n, offs_m, offs_n, offs_d, SEQ_Q, SEQ_K,
+                                     HEAD_DIM, STRIDE_VS, TILE_N, IS_CAUSAL, IS_CAUSAL,
+                                     RAGGED_ROWS, SEQ_K % BLOCK_N != 0, RAGGED_DIM,
+                                     DOT_PRECISION)
 
-    acc = acc / row_sum[:, None]
-    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
-                         STRIDE_OS, SEQ_Q)
-    store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q, HEAD_DIM,
-               RAGGED_ROWS, RAGGED_DIM)
-    if d_block == 0:
-        lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2)
-        tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
+        acc = acc / row_sum[:, None]
+        out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
+                             STRIDE_OS, SEQ_Q)
+        store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q, HEAD_DIM,
+                   RAGGED_ROWS, RAGGED_DIM)
+        if d_block == 0:
+            lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2)
+            tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
