@@ -30,6 +30,7 @@ INTERPRETER_BLOCKS = {
     "_flash_query_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16),
     "_score_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
     "_dscores_from_probs_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
+    "_dscores_whole_rows_kernel": dict(BLOCK_M=16, BLOCK_K=64),
     "_probs_matmul_kernel": dict(BLOCK_R=32, BLOCK_C=16, BLOCK_D=64),
 }
 

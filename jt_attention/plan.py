@@ -69,6 +69,12 @@ class Problem:
         return not self.uses_flash_kernel and self.seq_k <= self.head_dim
 
     @property
+    def whole_row_dscores(self):
+        """Whether the backward's score gradients take whole key rows per program from
+        the kept softmax, summing delta themselves (no delta launch)."""
+        return self.keeps_probs and self.seq_k <= tuning.WHOLE_ROW_MAX_KEYS
+
+    @property
     def kv_slices(self):
         """(slice length, number of slices) for the split-KV forward, or None.
 
@@ -315,28 +321,36 @@ def _probs_stride(p):
     return triton.cdiv(p.seq_k, 8) * 8
 
 
-def _score_grads_launch(p):
-    """dS for every visible score tile, from the forward's P where it was kept; else
-    P is recomputed and written too."""
-    grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
-                              triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
+def _score_grads_launches(p):
+    """dS for every visible score tile: from the forward's P where it was kept (whole
+    rows, or tiles after a delta launch); else P is recomputed and written too."""
     constexprs = dict(PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
                       **_stride_constexprs(p, "V", "DO"))
+    dscores = (_probs_buffer(p, "dscores"),)
+    if p.whole_row_dscores:
+        return [Launch(two_pass_backward._dscores_whole_rows_kernel,
+                       ("v", "dout", "probs", "dlse"), dscores,
+                       lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1,
+                                          p.batch * p.num_heads),
+                       dict(ROW_KEYS=max(32, triton.next_power_of_2(p.seq_k)), **constexprs))]
+    grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
+                              triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
     if p.keeps_probs:
-        return Launch(two_pass_backward._dscores_from_probs_kernel,
-                      ("v", "dout", "probs", "delta"), (_probs_buffer(p, "dscores"),), grid,
-                      constexprs)
-    return Launch(two_pass_backward._score_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
-                  (_probs_buffer(p, "probs"), _probs_buffer(p, "dscores")), grid,
-                  dict(SCALE=p.scale, **constexprs, **_stride_constexprs(p, "Q", "K")))
+        score_grads = Launch(two_pass_backward._dscores_from_probs_kernel,
+                             ("v", "dout", "probs", "delta"), dscores, grid, constexprs)
+    else:
+        score_grads = Launch(two_pass_backward._score_grads_kernel,
+                             ("q", "k", "v", "dout", "lse", "delta"),
+                             (_probs_buffer(p, "probs"),) + dscores, grid,
+                             dict(SCALE=p.scale, **constexprs, **_stride_constexprs(p, "Q", "K")))
+    return [_delta_launch(p), score_grads]
 
 
 def _two_pass_backward_plan(p):
-    return [_delta_launch(p),
-            _score_grads_launch(p),
-            _probs_matmul_launch(p, "probs", "dout", "dv", 1.0),
-            _probs_matmul_launch(p, "dscores", "q", "dk", p.scale),
-            _probs_matmul_launch(p, "dscores", "k", "dq", p.scale)]
+    return _score_grads_launches(p) + [
+        _probs_matmul_launch(p, "probs", "dout", "dv", 1.0),
+        _probs_matmul_launch(p, "dscores", "q", "dk", p.scale),
+        _probs_matmul_launch(p, "dscores", "k", "dq", p.scale)]
 
 
 def backward_plan(p):

@@ -32,6 +32,12 @@ SMALLEST_SHARED_MEMORY_BYTES = 99 * KIB
 # 256 beat 128 on 8 of 9 large-head-dim shapes on the H100 (-3% on the seed workload).
 SCORE_TILE_N = 256
 
+# Score gradients from the forward's kept softmax: rows of up to this many keys are
+# taken whole by one program, which then sums delta itself (two_pass_backward.py).
+# A 64 x 512 fp32 dP tile holds as many registers per thread (128 at 8 warps) as the
+# tiled kernel's 128 x 256.
+WHOLE_ROW_MAX_KEYS = 512
+
 # No config's BLOCK_M, BLOCK_N or BLOCK_R is smaller (tests/test_compile.py checks):
 # it bounds the row blocks on a grid axis (plan.Problem.wide_indexing).
 MIN_BLOCK_ROWS = 16
@@ -169,6 +175,11 @@ DSCORES_FROM_PROBS = dict(
     small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
 )
+DSCORES_WHOLE_ROWS = dict(  # the keys of a row are not tuned: ROW_KEYS (plan.py)
+    h100=[_config(8, 3, BLOCK_M=64, BLOCK_K=64)],   # seed (1.494 ms; K32 5 stages 1.707)
+    small_parts=[_config(8, 2, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
+                 _config(8, 2, BLOCK_M=64, BLOCK_K=16)],   # fp32
+)
 PROBS_MATMUL = dict(
     h100=[_config(8, 4, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256),   # seed
           _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)],  # head dim 512; seed causal
@@ -216,6 +227,16 @@ def _dscores_from_probs_shared_bytes(config, block_d, itemsize):
             + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
 
 
+def _dscores_whole_rows_shared_bytes(config, block_d, itemsize):
+    del block_d  # the head dim is streamed in BLOCK_K chunks
+    blocks = config.kwargs
+    pipeline = (blocks["BLOCK_M"] + WHOLE_ROW_MAX_KEYS) * blocks["BLOCK_K"] * config.num_stages
+    # per-row fp32 partial sums of delta cross warps through shared memory
+    row_sums = 8 * blocks["BLOCK_M"]
+    return (pipeline * itemsize + row_sums
+            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
+
+
 def _probs_matmul_shared_bytes(config, block_d, itemsize):
     del block_d  # the output is split into BLOCK_D chunks
     blocks = config.kwargs
@@ -257,6 +278,8 @@ KERNEL_TUNING = {
         KernelTuning(**SCORE_GRADS, shared_bytes=_score_grads_shared_bytes),
     two_pass_backward._dscores_from_probs_kernel:
         KernelTuning(**DSCORES_FROM_PROBS, shared_bytes=_dscores_from_probs_shared_bytes),
+    two_pass_backward._dscores_whole_rows_kernel:
+        KernelTuning(**DSCORES_WHOLE_ROWS, shared_bytes=_dscores_whole_rows_shared_bytes),
     two_pass_backward._probs_matmul_kernel:
         KernelTuning(**PROBS_MATMUL, shared_bytes=_probs_matmul_shared_bytes),
 }

@@ -29,12 +29,14 @@ CASES = [
     (1, 1, 97, 2, 2, 40, "float16", False),      # one query, head dim not a power of 2
     (1, 33, 50, 2, 2, 256, "float16", True),     # largest flash head dim
     (1, 5, 1100, 4, 2, 64, "float16", False),    # decoding shape: split-KV forward
-    # score grads + GEMMs, on the softmax the forward kept (kv_len <= head_dim)
+    # score grads + GEMMs, on the softmax the forward kept (kv_len <= head_dim): whole rows
+    # up to tuning.WHOLE_ROW_MAX_KEYS keys (delta summed there), tiles after a delta launch
     (1, 50, 33, 2, 2, 72, "float32", False),     # fp32 rows past 256 bytes
     (1, 33, 50, 4, 2, 264, "float16", True),     # just past the flash boundary, grouped
     (1, 20, 30, 2, 2, 512, "bfloat16", True),
     (1, 17, 19, 2, 2, 1000, "float16", False),   # head dim not a multiple of the chunks
     (1, 45, 40, 2, 2, 96, "float32", True),      # causal with q_len > kv_len, ragged tile
+    (1, 9, 530, 2, 1, 544, "float16", False),    # rows past the whole-row limit: tiled dS
     # score grads + GEMMs, recomputing the probabilities (kv_len > head_dim)
     (1, 21, 130, 2, 2, 72, "float32", True),
     (1, 37, 300, 4, 2, 264, "float16", False),

@@ -4,15 +4,17 @@ A flash backward keeps dK and dV (2 x BLOCK_N x D fp32) in registers, which does
 fit for D = 1024, and recomputing the scores per D-chunk would multiply their FLOPs
 (the forward's reasoning, two_pass_forward.py). So:
 
-1. The score gradients, one program per (BLOCK_M x BLOCK_N) score tile:
-   dP = dO.V^T as a GEMM over the head dim, then dS = P * (dP - delta), written once
-   in the input dtype (delta from backward_preprocess). Where the forward kept the
+1. The score gradients: dP = dO.V^T as a GEMM over the head dim, then
+   dS = P * (dP - delta), written once in the input dtype. Where the forward kept the
    softmax P, as it is no bigger than the output (plan.Problem.keeps_probs), it is
-   read back (`_dscores_from_probs_kernel`); else P is recomputed from S = Q.K^T in
+   read back: for rows of up to tuning.WHOLE_ROW_MAX_KEYS keys one program takes BLOCK_M
+   whole rows and sums delta = rowsum(P * dP) itself (`_dscores_whole_rows_kernel`);
+   longer rows are tiled (`_dscores_from_probs_kernel`) and read delta =
+   rowsum(dO * O) from backward_preprocess. Else P is recomputed from S = Q.K^T in
    the same loop and written too (`_score_grads_kernel`). Tiles wholly above the
-   causal diagonal are skipped (never written, never read).
-   Summing delta here instead, from the dO chunks already loaded, was measured
-   1.4 ms slower on the seed workload: the O loads do not pipeline
+   causal diagonal are skipped by the tiled kernels (never written, never read).
+   Summing rowsum(dO * O) inside the tiled kernels instead, from the dO chunks
+   already loaded, was measured slower: the O loads do not pipeline
    (WORKSPACE_NOTES.md, backward v2).
 2. `_probs_matmul_kernel`, three times: dV = P^T.dO, dK = scale * dS^T.Q and
    dQ = scale * dS.K, each tiled over (rows, D-chunks) and reducing over the
@@ -115,6 +117,51 @@ def _score_grads_kernel(
 
 
 @triton.jit
+def _dprobs_tiles(dout_base, v_base, rows, cols, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_VS: tl.constexpr,
+                  RAGGED_ROWS: tl.constexpr, RAGGED_KEYS: tl.constexpr, TILES: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dP = dO.V^T, fp32, on [rows, cols] and, if TILES == 2, also on the next
+    len(cols) keys (a second tile, returned apart); the head dim is streamed in
+    BLOCK_K chunks, each dO chunk loaded once for both tiles.
+
+    Rows past SEQ_Q and keys past SEQ_K read the last valid row or key (clamped
+    pointers, as in _probs_matmul_kernel): their dP entries are finite and meet only
+    zero probabilities or masked stores. Only the head dim, the reduced axis, is masked."""
+    offs_k = tl.arange(0, BLOCK_K)
+    read_rows = tl.minimum(rows, SEQ_Q - 1) if RAGGED_ROWS else rows
+    dout_ptrs = tile_ptrs(dout_base, read_rows, offs_k, STRIDE_DOS, SEQ_Q)
+    v_ptrs = tile_ptrs(v_base, tl.minimum(cols, SEQ_K - 1) if RAGGED_KEYS else cols, offs_k,
+                       STRIDE_VS, SEQ_K)
+    next_cols = cols + cols.shape[0]
+    next_v_ptrs = tile_ptrs(v_base, tl.minimum(next_cols, SEQ_K - 1) if RAGGED_KEYS
+                            else next_cols, offs_k, STRIDE_VS, SEQ_K)
+    RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
+    dprobs = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    next_dprobs = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    for start_k in range(0, HEAD_DIM, BLOCK_K):
+        dims = start_k + offs_k
+        dout = load_tile(dout_ptrs + start_k, rows, dims, SEQ_Q, HEAD_DIM, False, RAGGED_DIM)
+        v = load_tile(v_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, False, RAGGED_DIM)
+        dprobs = tl.dot(dout, tl.trans(v), dprobs, input_precision=DOT_PRECISION)
+        if TILES == 2:
+            v = load_tile(next_v_ptrs + start_k, next_cols, dims, SEQ_K, HEAD_DIM, False,
+                          RAGGED_DIM)
+            next_dprobs = tl.dot(dout, tl.trans(v), next_dprobs, input_precision=DOT_PRECISION)
+    return dprobs, next_dprobs
+
+
+@triton.jit
+def _load_kept_probs(ptrs, rows, cols, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, RAGGED_ROWS: tl.constexpr,
+                     RAGGED_KEYS: tl.constexpr):
+    """The forward's softmax on [rows, cols] in fp32; zeros past the edges and above the
+    causal diagonal."""
+    probs = load_tile(ptrs, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS).to(tl.float32)
+    return _visible(probs, rows, cols, SEQ_K, IS_CAUSAL, False)
+
+
+@triton.jit
 def _dscores_from_probs_kernel(
     v_ptr, dout_ptr, probs_ptr, delta_ptr, dscores_ptr,
     IS_CAUSAL: tl.constexpr,
@@ -127,7 +174,8 @@ def _dscores_from_probs_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dS = P * (dO.V^T - delta) from the softmax P the forward kept
-    (two_pass_forward._weighted_values_keeping_probs_kernel).
+    (two_pass_forward._weighted_values_keeping_probs_kernel), for rows longer than
+    tuning.WHOLE_ROW_MAX_KEYS (else _dscores_whole_rows_kernel).
 
     programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
     probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""
@@ -143,29 +191,88 @@ def _dscores_from_probs_kernel(
     if start_n < visible_end:
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, rows, offs_k,
-                              STRIDE_DOS, SEQ_Q)
-        v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH, cols,
-                           offs_k, STRIDE_VS, SEQ_K)
         RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
         RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
-        RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
-        dprobs = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for start_k in range(0, HEAD_DIM, BLOCK_K):
-            dims = start_k + offs_k
-            dout = load_tile(dout_ptrs + start_k, rows, dims, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
-                             RAGGED_DIM)
-            v = load_tile(v_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, RAGGED_KEYS, RAGGED_DIM)
-            dprobs = tl.dot(dout, tl.trans(v), dprobs, input_precision=DOT_PRECISION)
-
+        dprobs, _ = _dprobs_tiles(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH,
+                                  v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH,
+                                  rows, cols, SEQ_Q, SEQ_K, HEAD_DIM, STRIDE_DOS, STRIDE_VS,
+                                  RAGGED_ROWS, RAGGED_KEYS, 1, DOT_PRECISION, BLOCK_K)
         delta = load_rows(delta_ptr + batch_head * SEQ_Q, rows, SEQ_Q, RAGGED_ROWS, 0.0)
         offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
-        probs = load_tile(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
-                          RAGGED_KEYS).to(tl.float32)
-        probs = _visible(probs, rows, cols, SEQ_K, IS_CAUSAL, False)
+        probs = _load_kept_probs(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, IS_CAUSAL,
+                                 RAGGED_ROWS, RAGGED_KEYS)
         _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,
                            SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+
+
+@triton.jit
+def _dscores_half_row(dscores_ptr, probs_ptr, offsets, dprobs, delta, rows, cols,
+                      SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                      RAGGED_ROWS: tl.constexpr, RAGGED_KEYS: tl.constexpr):
+    probs = _load_kept_probs(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, IS_CAUSAL, False,
+                             RAGGED_KEYS)
+    _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,
+                       SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+
+
+@triton.jit
+def _dscores_whole_rows_kernel(
+    v_ptr, dout_ptr, probs_ptr, dlse_ptr, dscores_ptr,
+    IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
+    STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
+    ROW_KEYS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """_dscores_from_probs_kernel for BLOCK_M query rows and all their keys at once
+    (ROW_KEYS: SEQ_K rounded up to a power of two, at most tuning.WHOLE_ROW_MAX_KEYS),
+    so that delta = rowsum(P * dP) - dlse comes from the tile itself: no launch reads
+    O and dO for it (-0.53 ms of 2.03 on the seed workload, H100: WORKSPACE_NOTES.md).
+
+    The row is held as two tiles of ROW_KEYS / 2 keys: the masks and the causal select
+    of the epilogue then work on half-rows (one 64 x 512 tile spilled up to 824 bytes
+    on ragged causal shapes; ptxas for sm_90a, Triton 3.6).
+
+    programs (cdiv(SEQ_Q, BLOCK_M), 1, batch * NUM_HEADS).
+    probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype;
+    dlse: [batch * NUM_HEADS, SEQ_Q] fp32."""
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    batch = batch_head // NUM_HEADS
+    head = batch_head % NUM_HEADS
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, ROW_KEYS // 2)
+    next_cols = cols + ROW_KEYS // 2
+    RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
+    RAGGED_KEYS: tl.constexpr = SEQ_K != ROW_KEYS
+    dprobs, next_dprobs = _dprobs_tiles(
+        dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH,
+        v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH, rows, cols, SEQ_Q, SEQ_K,
+        HEAD_DIM, STRIDE_DOS, STRIDE_VS, RAGGED_ROWS, RAGGED_KEYS, 2, DOT_PRECISION, BLOCK_K)
+    # Rows past SEQ_Q read the last row's P (their sums and dS are never stored), so
+    # the loads of P mask the keys only (see _dprobs_tiles).
+    read_rows = tl.minimum(rows, SEQ_Q - 1) if RAGGED_ROWS else rows
+    offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, read_rows, cols, PROBS_STRIDE, SEQ_Q)
+    next_offsets = offsets + ROW_KEYS // 2
+    probs = _load_kept_probs(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, IS_CAUSAL, False,
+                             RAGGED_KEYS)
+    delta = tl.sum(probs * dprobs, 1)
+    probs = _load_kept_probs(probs_ptr + next_offsets, rows, next_cols, SEQ_Q, SEQ_K,
+                             IS_CAUSAL, False, RAGGED_KEYS)
+    delta += tl.sum(probs * next_dprobs, 1)
+    delta -= load_rows(dlse_ptr + batch_head * SEQ_Q, rows, SEQ_Q, RAGGED_ROWS, 0.0)
+    # P is read again (from L2) rather than kept: held in fp32 next to dP through the
+    # row sums, it spilled (255 registers, 124 bytes at 64 x 512; ptxas for sm_90a,
+    # Triton 3.6). The barrier keeps the compiler from merging the two reads.
+    tl.debug_barrier()
+    _dscores_half_row(dscores_ptr, probs_ptr, offsets, dprobs, delta, rows, cols, SEQ_Q,
+                      SEQ_K, IS_CAUSAL, RAGGED_ROWS, RAGGED_KEYS)
+    _dscores_half_row(dscores_ptr, probs_ptr, next_offsets, next_dprobs, delta, rows,
+                      next_cols, SEQ_Q, SEQ_K, IS_CAUSAL, RAGGED_ROWS, RAGGED_KEYS)
 
 
 @triton.jit
