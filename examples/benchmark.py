@@ -13,17 +13,19 @@ Implementations (--impls):
   torch_bmm   torch baddbmm + softmax + bmm in the input dtype (cuBLAS), if torch is there
 
 --mode fwd times the forward; bwd the backward alone (jax.vjp's function, residuals
-already computed); fwd_bwd both, as a training step runs them. Backward FLOPs count
-as 2.5x the forward's.
+already computed); fwd_bwd both, as a training step runs them, returning the output
+and the gradients (so that XLA cannot drop the launches that only compute the output).
+Backward FLOPs count as 2.5x the forward's.
 
 Each row gives the median ms, TFLOP/s (4*B*H*Sq*Sk*D, halved for causal), GB/s (the
 bytes of q, k, v and the output, each moved once: the memory floor of decoding) and the
-relative error against an fp32 reference (for gradients, the worst of dq, dk, dv).
+relative error against an fp32 reference (the worst of the arrays a mode returns).
 For fwd_bwd, temp_mb is XLA's count of the compiled step's scratch memory: what it
-allocates beyond its inputs (q, k, v, dout) and outputs (the gradients). An
+allocates beyond its inputs (q, k, v, dout) and outputs (out and the gradients). An
 implementation that fails is recorded as NaN with its reason.
 """
 
+import functools
 import json
 import math
 import time
@@ -142,7 +144,7 @@ def _torch_bmm(q, k, v, dout, problem, mode):
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.bmm(torch.softmax(scores, dim=-1), tv)
 
-    to_numpy = lambda x: x.reshape(b, n, -1, h).permute(0, 2, 1, 3).float().cpu().numpy()
+    to_numpy = lambda x: x.detach().reshape(b, n, -1, h).permute(0, 2, 1, 3).float().cpu().numpy()
     if mode == "fwd":
         run = lambda: forward(tq, tk, tv)
         return run, lambda out: torch.cuda.synchronize(), to_numpy
@@ -150,9 +152,13 @@ def _torch_bmm(q, k, v, dout, problem, mode):
         raise ValueError("torch_bmm is timed in fwd and fwd_bwd modes only")
     leaves = [x.requires_grad_() for x in (tq, tk, tv)]
     tdout = to_heads(dout)
-    run = lambda: torch.autograd.grad(forward(*leaves), leaves, tdout)
+
+    def run():
+        out = forward(*leaves)
+        return (out, *torch.autograd.grad(out, leaves, tdout))
+
     return (run, lambda out: torch.cuda.synchronize(),
-            lambda grads: [to_numpy(g) for g in grads])
+            lambda arrays: [to_numpy(x) for x in arrays])
 
 
 def _time(call, finish):
@@ -194,8 +200,16 @@ def _timed_function(attend, mode, q, k, v, dout):
         _, vjp = jax.vjp(attend, q, k, v)  # residuals computed once, outside the timing
         fn = jax.jit(lambda vjp, dout: vjp(dout))
         return (lambda: fn(vjp, dout)), None
-    fn = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout))
+    fn = jax.jit(functools.partial(_training_step, attend))
     return (lambda: fn(q, k, v, dout)), (fn, (q, k, v, dout))
+
+
+def _training_step(attend, q, k, v, dout):
+    """(out, dq, dk, dv). The output is returned too, as a training step feeds it to the
+    loss: left unused, XLA drops the launches that only compute it (the jt seed step
+    timed 6.5 ms instead of 7.7 that way, session 8)."""
+    out, vjp = jax.vjp(attend, q, k, v)
+    return (out, *vjp(dout))
 
 
 def _scratch_mb(jitted):
@@ -208,14 +222,15 @@ def _scratch_mb(jitted):
 
 
 def _reference(q, k, v, dout, problem, mode):
-    """fp32 reference output (fwd) or gradients (bwd, fwd_bwd), as numpy."""
+    """fp32 reference of what `mode` returns: the output (fwd), the gradients (bwd), or
+    both (fwd_bwd), as numpy."""
     attend = lambda q, k, v: jt_attention.attention_reference(
         q, k, v, scale=problem.scale, is_causal=problem.is_causal)[0]
     upcast = [x.astype(jnp.float32) for x in (q, k, v, dout)]
     if mode == "fwd":
         return np.asarray(jax.jit(attend)(*upcast[:3]))
-    grads = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout))(*upcast)
-    return tuple(np.asarray(g) for g in grads)
+    arrays = jax.jit(functools.partial(_training_step, attend))(*upcast)
+    return tuple(np.asarray(x) for x in (arrays if mode == "fwd_bwd" else arrays[1:]))
 
 
 def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal, impls,

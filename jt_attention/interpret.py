@@ -23,6 +23,7 @@ INTERPRETER_BLOCKS = {
     "_split_kv_kernel": dict(BLOCK_M=16, BLOCK_N=32),
     "_split_kv_combine_kernel": dict(BLOCK_M=16),
     "_score_tiles_kernel": dict(BLOCK_M=32, BLOCK_K=32),
+    "_row_softmax_kernel": dict(BLOCK_M=16, BLOCK_K=64),
     "_weighted_values_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64),
     "_weighted_values_keeping_probs_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64),
     "_output_grad_dot_kernel": dict(BLOCK_M=16, BLOCK_D=64),

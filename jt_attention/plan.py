@@ -12,7 +12,8 @@ import triton
 
 from jt_attention import tuning
 from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
-                                  split_kv_forward, two_pass_backward, two_pass_forward)
+                                  probs_matmul, split_kv_forward, two_pass_backward,
+                                  two_pass_forward)
 
 
 GRID_YZ_LIMIT = 65535  # CUDA's largest grid dims y and z
@@ -212,8 +213,27 @@ def _probs_buffer(p, name):
     return Buffer(name, (p.batch, p.num_heads, p.seq_q, _probs_stride(p)), np.dtype(p.dtype))
 
 
+def _row_keys(p):
+    """Keys per program of the whole-row kernels: kv_len rounded up to a power of two."""
+    return max(16, triton.next_power_of_2(p.seq_k))
+
+
+def _whole_row_plan(p):
+    """Rows of up to tuning.WHOLE_ROW_MAX_KEYS keys: the softmax P of whole rows
+    (always written: a backward pass keeps it), then O = P.V."""
+    out, lse = _output_buffers(p)
+    softmax = Launch(
+        two_pass_forward._row_softmax_kernel, ("q", "k"), (_probs_buffer(p, "probs"), lse),
+        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
+        dict(SCALE=p.scale, PROBS_STRIDE=_probs_stride(p), ROW_KEYS=_row_keys(p),
+             **_common_constexprs(p), **_stride_constexprs(p, "Q", "K")))
+    return [softmax, _probs_matmul_launch(p, "probs", "v", out, 1.0)]
+
+
 def _two_pass_plan(p, tile_n, keep_probs):
     """keep_probs: the values launch also writes the softmax P (Problem.keeps_probs)."""
+    if p.seq_k <= tuning.WHOLE_ROW_MAX_KEYS:
+        return _whole_row_plan(p)
     num_tiles = triton.cdiv(p.seq_k, tile_n)
     batch_heads = p.batch * p.num_heads
     scores = Launch(
@@ -302,13 +322,15 @@ def _flash_backward_plan(p):
 
 
 def _probs_matmul_launch(p, a, b, out, out_scale):
-    """out = out_scale * A'.b, where A' is `a` ("probs" or "dscores") or its transpose."""
-    transpose_a = out != "dq"
+    """out = out_scale * A'.b, where A' is `a` ("probs" or "dscores") or, for the key
+    gradients, its transpose. `out` is a gradient's name or the forward's output Buffer."""
+    transpose_a = out in ("dk", "dv")
     rows, out_heads = (p.seq_k, p.num_kv_heads) if transpose_a else (p.seq_q, p.num_heads)
-    b_tensor = {"dout": "DO", "q": "Q", "k": "K"}[b]
+    b_tensor = {"dout": "DO", "q": "Q", "k": "K", "v": "V"}[b]
     out_like = "K" if transpose_a else "Q"
     return Launch(
-        two_pass_backward._probs_matmul_kernel, (a, b), _grad_buffers(p, out),
+        probs_matmul._probs_matmul_kernel, (a, b),
+        _grad_buffers(p, out) if isinstance(out, str) else (out,),
         lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]),
                            triton.cdiv(rows, meta["BLOCK_R"]), p.batch * out_heads),
         dict(OUT_SCALE=out_scale, TRANSPOSE_A=transpose_a, PROBS_STRIDE=_probs_stride(p),
@@ -332,7 +354,7 @@ def _score_grads_launches(p):
                        ("v", "dout", "probs", "dlse"), dscores,
                        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1,
                                           p.batch * p.num_heads),
-                       dict(ROW_KEYS=max(32, triton.next_power_of_2(p.seq_k)), **constexprs))]
+                       dict(ROW_KEYS=_row_keys(p), **constexprs))]
     grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
                               triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
     if p.keeps_probs:

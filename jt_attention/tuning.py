@@ -19,7 +19,8 @@ from typing import Callable, NamedTuple
 import triton
 
 from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
-                                  split_kv_forward, two_pass_backward, two_pass_forward)
+                                  probs_matmul, split_kv_forward, two_pass_backward,
+                                  two_pass_forward)
 
 KIB = 1024
 # Shared memory per block, by compute capability. Unknown parts get the smallest.
@@ -32,10 +33,10 @@ SMALLEST_SHARED_MEMORY_BYTES = 99 * KIB
 # 256 beat 128 on 8 of 9 large-head-dim shapes on the H100 (-3% on the seed workload).
 SCORE_TILE_N = 256
 
-# Score gradients from the forward's kept softmax: rows of up to this many keys are
-# taken whole by one program, which then sums delta itself (two_pass_backward.py).
-# A 64 x 512 fp32 dP tile holds as many registers per thread (128 at 8 warps) as the
-# tiled kernel's 128 x 256.
+# Head dims above 256: rows of up to this many keys are taken whole by one program,
+# which finds the softmax (two_pass_forward._row_softmax_kernel) or sums the backward's
+# delta itself (two_pass_backward._dscores_whole_rows_kernel). A 64 x 512 fp32 tile
+# holds as many registers per thread (128 at 8 warps) as the tiled kernels' 128 x 256.
 WHOLE_ROW_MAX_KEYS = 512
 
 # No config's BLOCK_M, BLOCK_N or BLOCK_R is smaller (tests/test_compile.py checks):
@@ -96,6 +97,11 @@ SCORE_TILES = dict(
     small_parts=[_config(4, 3, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
                  _config(4, 3, BLOCK_M=64, BLOCK_K=16)],   # fp32
 )
+ROW_SOFTMAX = dict(  # the keys of a row are not tuned: ROW_KEYS (plan.py)
+    h100=[_config(8, 3, BLOCK_M=64, BLOCK_K=64)],   # seed (1.257 ms; K32 5 stages 1.535)
+    small_parts=[_config(8, 2, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
+                 _config(8, 2, BLOCK_M=64, BLOCK_K=16)],   # fp32
+)
 WEIGHTED_VALUES = dict(
     # 8w3s D128 (the seed's winner until session 6) gave 5e-3 errors on the seed
     # workload on the H100 (Triton 3.6): not shipped there.
@@ -131,6 +137,16 @@ def _score_tiles_shared_bytes(config, block_d, itemsize):
     return (pipeline * itemsize
             # three copies at TILE_N 256 on sm_90 (compiler's figure)
             + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize, copies=3))
+
+
+def _whole_rows_shared_bytes(config, block_d, itemsize):
+    del block_d  # the head dim is streamed in BLOCK_K chunks
+    blocks = config.kwargs
+    pipeline = (blocks["BLOCK_M"] + WHOLE_ROW_MAX_KEYS) * blocks["BLOCK_K"] * config.num_stages
+    # per-row fp32 maxima and sums cross warps through shared memory
+    row_sums = 8 * blocks["BLOCK_M"]
+    return (pipeline * itemsize + row_sums
+            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
 
 
 def _weighted_values_shared_bytes(config, block_d, itemsize):
@@ -175,12 +191,9 @@ DSCORES_FROM_PROBS = dict(
     small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
 )
-DSCORES_WHOLE_ROWS = dict(  # the keys of a row are not tuned: ROW_KEYS (plan.py)
-    h100=[_config(8, 3, BLOCK_M=64, BLOCK_K=64)],   # seed (1.494 ms; K32 5 stages 1.707)
-    small_parts=[_config(8, 2, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
-                 _config(8, 2, BLOCK_M=64, BLOCK_K=16)],   # fp32
-)
-PROBS_MATMUL = dict(
+DSCORES_WHOLE_ROWS = ROW_SOFTMAX  # the same loop; seed 1.482 ms (K32 5 stages 1.684)
+PROBS_MATMUL = dict(  # the forward's P.V (rows <= WHOLE_ROW_MAX_KEYS) and backward GEMMs
+    # seed P.V 1.225 ms; R256 D128 1.263, R64 D512 1.390, C128 2 stages 1.536 (session 8)
     h100=[_config(8, 4, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256),   # seed
           _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)],  # head dim 512; seed causal
     small_parts=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),
@@ -227,16 +240,6 @@ def _dscores_from_probs_shared_bytes(config, block_d, itemsize):
             + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
 
 
-def _dscores_whole_rows_shared_bytes(config, block_d, itemsize):
-    del block_d  # the head dim is streamed in BLOCK_K chunks
-    blocks = config.kwargs
-    pipeline = (blocks["BLOCK_M"] + WHOLE_ROW_MAX_KEYS) * blocks["BLOCK_K"] * config.num_stages
-    # per-row fp32 partial sums of delta cross warps through shared memory
-    row_sums = 8 * blocks["BLOCK_M"]
-    return (pipeline * itemsize + row_sums
-            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
-
-
 def _probs_matmul_shared_bytes(config, block_d, itemsize):
     del block_d  # the output is split into BLOCK_D chunks
     blocks = config.kwargs
@@ -264,6 +267,8 @@ KERNEL_TUNING = {
         KernelTuning(**SPLIT_KV_COMBINE, shared_bytes=_combine_shared_bytes),
     two_pass_forward._score_tiles_kernel:
         KernelTuning(**SCORE_TILES, shared_bytes=_score_tiles_shared_bytes),
+    two_pass_forward._row_softmax_kernel:
+        KernelTuning(**ROW_SOFTMAX, shared_bytes=_whole_rows_shared_bytes),
     two_pass_forward._weighted_values_kernel:
         KernelTuning(**WEIGHTED_VALUES, shared_bytes=_weighted_values_shared_bytes),
     two_pass_forward._weighted_values_keeping_probs_kernel:
@@ -279,8 +284,8 @@ KERNEL_TUNING = {
     two_pass_backward._dscores_from_probs_kernel:
         KernelTuning(**DSCORES_FROM_PROBS, shared_bytes=_dscores_from_probs_shared_bytes),
     two_pass_backward._dscores_whole_rows_kernel:
-        KernelTuning(**DSCORES_WHOLE_ROWS, shared_bytes=_dscores_whole_rows_shared_bytes),
-    two_pass_backward._probs_matmul_kernel:
+        KernelTuning(**DSCORES_WHOLE_ROWS, shared_bytes=_whole_rows_shared_bytes),
+    probs_matmul._probs_matmul_kernel:
         KernelTuning(**PROBS_MATMUL, shared_bytes=_probs_matmul_shared_bytes),
 }
 

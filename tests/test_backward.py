@@ -50,7 +50,8 @@ def test_cases_take_every_backward_path():
         kernels.update(launch.kernel.fn.__name__ for launch in plan.backward_plan(problem))
     assert kernels == {kernel.fn.__name__ for kernel in tuning.KERNEL_TUNING} - {
         "_flash_forward_kernel", "_split_kv_kernel", "_split_kv_combine_kernel",
-        "_score_tiles_kernel", "_weighted_values_kernel", "_weighted_values_keeping_probs_kernel"}
+        "_row_softmax_kernel", "_score_tiles_kernel", "_weighted_values_kernel",
+        "_weighted_values_keeping_probs_kernel"}
 
 
 def _case_id(case):

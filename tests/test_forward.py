@@ -4,7 +4,8 @@ On a CPU machine the kernels run in Triton's interpreter (implementation='interp
 with a CUDA GPU the same cases run compiled (implementation='triton').
 Dispatch: the flash kernel takes head dim <= 256 in fp16/bf16 (<= 64 in fp32), and
 decoding shapes among those (<= 16 queries, >= 1024 keys) take the split-KV kernels;
-wider heads take the two-pass kernels. Cases sit on every side.
+wider heads take the two-pass kernels: whole rows up to tuning.WHOLE_ROW_MAX_KEYS keys,
+score tiles past it. Cases sit on every side.
 """
 
 import jax
@@ -14,8 +15,8 @@ import pytest
 
 import jt_attention
 from jt_attention import interpret, plan, tuning
-from helpers import (TOLERANCE, attention_float64, kernel_implementation, random_inputs,
-                     relative_error)
+from helpers import (DTYPES, TOLERANCE, attention_float64, kernel_implementation,
+                     random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -36,14 +37,27 @@ CASES = [
     (2, 5, 1500, 2, 2, 128, "bfloat16", True),
     (1, 16, 2049, 2, 1, 40, "float32", False),
     (1, 3, 1030, 2, 2, 256, "float16", True),
-    # two-pass kernels
+    # two-pass kernels: whole rows
     (1, 50, 61, 2, 2, 264, "float16", True),     # just past the flash boundary
     (1, 61, 50, 2, 1, 136, "float32", False),    # fp32 rows past 512 bytes
     (2, 97, 70, 2, 2, 512, "bfloat16", True),
     (1, 33, 100, 2, 2, 1000, "float16", False),  # head dim not a multiple of the chunks
     (1, 65, 65, 2, 2, 1024, "float16", True),
     (1, 1, 97, 2, 2, 1024, "float32", False),
+    # two-pass kernels: score tiles (rows longer than the whole-row limit)
+    (1, 20, 600, 2, 1, 288, "bfloat16", True),
+    (1, 7, 530, 2, 2, 520, "float16", False),
 ]
+
+
+def test_cases_take_every_forward_path():
+    kernels = set()
+    for b, sq, sk, n, k, d, dtype, causal in CASES:
+        problem = plan.Problem(b, sq, sk, n, k, d, np.dtype(DTYPES[dtype]), 0.1, causal)
+        kernels.update(launch.kernel.fn.__name__ for launch in plan.forward_plan(problem))
+    assert kernels == {"_flash_forward_kernel", "_split_kv_kernel", "_split_kv_combine_kernel",
+                       "_row_softmax_kernel", "_probs_matmul_kernel", "_score_tiles_kernel",
+                       "_weighted_values_kernel"}
 
 
 def _case_id(case):

@@ -16,12 +16,18 @@ its FLOPs. Instead (GUIDE.md section 4):
 
 The D-chunks of one row block are adjacent in the grid, so their re-reads of P come
 from L2. Scores are in base 2, as in the flash kernel.
+
+Rows of up to tuning.WHOLE_ROW_MAX_KEYS keys take another pair of launches, as one
+program holds a row block's whole score rows: `_row_softmax_kernel` writes the
+softmax P itself, normalized, and the logsumexp; then O = P.V is a plain GEMM
+(probs_matmul). No tile statistics, no rescaling, and a backward pass reads P as is.
 """
 
 import triton
 import triton.language as tl
 
-from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
+from jt_attention.kernels.tiles import (grid_coords, load_tile, row_step, rows_dot_cols,
+                                        store_tile, tile_ptrs)
 
 
 @triton.jit
@@ -288,3 +294,53 @@ def _weighted_values(
         if d_block == 0:
             lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2)
             tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
+
+
+@triton.jit
+def _row_softmax_kernel(
+    q_ptr, k_ptr, probs_ptr, lse_ptr,
+    SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    STRIDE_QB: tl.constexpr, STRIDE_QS: tl.constexpr, STRIDE_QH: tl.constexpr,
+    STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
+    ROW_KEYS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """softmax(scale * Q.K^T) for BLOCK_M query rows and all their keys at once
+    (ROW_KEYS: SEQ_K rounded up to a power of two, at most tuning.WHOLE_ROW_MAX_KEYS),
+    written normalized in the input dtype, zeros above the causal diagonal; and the
+    row logsumexp. A 64 x 512 fp32 tile takes the registers of the tiled launch's
+    128 x 256 one.
+
+    programs (cdiv(SEQ_Q, BLOCK_M), 1, batch * NUM_HEADS).
+    probs: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE]; lse: [batch * NUM_HEADS, SEQ_Q] fp32."""
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    batch = batch_head // NUM_HEADS
+    head = batch_head % NUM_HEADS
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, ROW_KEYS)
+    RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
+    RAGGED_KEYS: tl.constexpr = SEQ_K != ROW_KEYS
+    scores = rows_dot_cols(q_ptr + batch * STRIDE_QB + head * STRIDE_QH,
+                           k_ptr + batch * STRIDE_KB + (head // KV_GROUP) * STRIDE_KH,
+                           rows, cols, SEQ_Q, SEQ_K, HEAD_DIM, STRIDE_QS, STRIDE_KS,
+                           RAGGED_ROWS, RAGGED_KEYS, DOT_PRECISION, BLOCK_K)
+    scores = scores * (SCALE * 1.4426950408889634)  # log2(e)
+    if RAGGED_KEYS or IS_CAUSAL:
+        visible = cols[None, :] < SEQ_K
+        if IS_CAUSAL:  # top-left aligned: every row sees key 0, so no row is empty
+            visible = visible & (cols[None, :] <= rows[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    row_max = tl.max(scores, 1)
+    probs = tl.math.exp2(scores - row_max[:, None])
+    row_sum = tl.sum(probs, 1)
+    probs_ptrs = tile_ptrs(probs_ptr + batch_head * SEQ_Q * PROBS_STRIDE, rows, cols,
+                           PROBS_STRIDE, SEQ_Q)
+    store_tile(probs_ptrs, (probs * (1.0 / row_sum)[:, None]).to(probs_ptr.dtype.element_ty),
+               rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+    lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2): natural log
+    tl.store(lse_ptr + batch_head * SEQ_Q + rows, lse, mask=rows < SEQ_Q)

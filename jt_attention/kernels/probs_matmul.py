@@ -1,0 +1,141 @@
+"""out = scale * A'.B, where A is a [Sq, Sk] probability matrix (P or dS, input dtype) and
+A' is A or its transpose: the GEMMs of the two-pass kernels.
+
+Forward, rows of up to tuning.WHOLE_ROW_MAX_KEYS keys: O = P.V. Backward, head dims
+above 256: dV = P^T.dO, dK = scale * dS^T.Q, dQ = scale * dS.K. Each is tiled over
+(rows, D-chunks) and reduces over the sequence; dK and dV sum the query heads of a
+group in the reduction loop. Tiles of A wholly above the causal diagonal may be
+unwritten memory: they are never read, and blocks crossing it drop their upper part
+with a select.
+"""
+
+import triton
+import triton.language as tl
+
+from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
+
+
+@triton.jit
+def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                       REDUCED: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+                       STRIDE_BS: tl.constexpr, TRANSPOSE_A: tl.constexpr,
+                       DIAGONAL: tl.constexpr, RAGGED_REDUCED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """acc += A'[rows, start_c:+BLOCK_C] . B[start_c:+BLOCK_C, d-chunk].
+
+    Only the reduced axis is masked (zeros past REDUCED); the pointers already clamp
+    the output rows and columns (see _probs_matmul_kernel).
+    DIAGONAL: the block crosses the causal diagonal. Its entries above it may lie in
+    tiles that were never written (unwritten memory), so they are dropped with
+    a select after the load, never multiplied (see two_pass_forward, v1 notes)."""
+    cols = start_c + offs_c
+    if TRANSPOSE_A:  # A is [queries, keys] in memory; the rows here are keys
+        a = tl.trans(load_tile(a_ptrs + row_step(start_c, PROBS_STRIDE, REDUCED), cols, rows,
+                               REDUCED, 0, RAGGED_REDUCED, False))
+        if DIAGONAL:
+            a = tl.where(rows[:, None] <= cols[None, :], a, 0.0)
+    else:  # the rows are queries, the reduction runs over keys
+        a = load_tile(a_ptrs + start_c, rows, cols, 0, REDUCED, False, RAGGED_REDUCED)
+        if DIAGONAL:
+            a = tl.where(cols[None, :] <= rows[:, None], a, 0.0)
+    b = load_tile(b_ptrs + row_step(start_c, STRIDE_BS, REDUCED), cols, offs_d, REDUCED, 0,
+                  RAGGED_REDUCED, False)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _probs_matmul_kernel(
+    a_ptr, b_ptr, out_ptr,
+    OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
+    STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = OUT_SCALE * A' . B per batch·head, A' = A^T if TRANSPOSE_A else A.
+
+    A (P or dS) is [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE].
+    TRANSPOSE_A (dV = P^T.dO, dK = dS^T.Q): rows are keys, the reduction runs over
+      the queries of every head of a KV group; B is query-shaped, out key-shaped;
+      programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), batch * NUM_KV_HEADS).
+    Otherwise (dQ = dS.K): rows are queries, the reduction runs over keys; B is K;
+      programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R), batch * NUM_HEADS).
+    """
+    OUT_ROWS: tl.constexpr = SEQ_K if TRANSPOSE_A else SEQ_Q
+    REDUCED: tl.constexpr = SEQ_Q if TRANSPOSE_A else SEQ_K
+    HEADS_SUMMED: tl.constexpr = KV_GROUP if TRANSPOSE_A else 1
+    B_HEAD_GROUP: tl.constexpr = 1 if TRANSPOSE_A else KV_GROUP  # B is dO or Q, else K
+    OUT_HEADS: tl.constexpr = NUM_HEADS // HEADS_SUMMED
+    D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
+    ROW_BLOCKS: tl.constexpr = (OUT_ROWS + BLOCK_R - 1) // BLOCK_R
+    d_block, row_block, batch_out_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    start_d = d_block * BLOCK_D
+    start_r = row_block * BLOCK_R
+    batch = batch_out_head // OUT_HEADS
+    out_head = batch_out_head % OUT_HEADS
+    rows = start_r + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = start_d + tl.arange(0, BLOCK_D)
+    RAGGED_ROWS: tl.constexpr = OUT_ROWS % BLOCK_R != 0
+    RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
+
+    # Reduction blocks: those wholly visible run unmasked; the causal diagonal and
+    # the ragged tail of the reduced sequence run with masks.
+    first = 0
+    unmasked_start = 0
+    unmasked_end = (REDUCED // BLOCK_C) * BLOCK_C
+    end = REDUCED
+    if IS_CAUSAL:
+        if TRANSPOSE_A:  # keys [start_r, +BLOCK_R) reach queries from start_r on
+            first = (start_r // BLOCK_C) * BLOCK_C
+            unmasked_start = min(end, (start_r + BLOCK_R + BLOCK_C - 1) // BLOCK_C * BLOCK_C)
+        else:  # queries [start_r, +BLOCK_R) see keys up to start_r + BLOCK_R - 1
+            unmasked_end = min(unmasked_end, (start_r // BLOCK_C) * BLOCK_C)
+            end = min(end, start_r + BLOCK_R)
+    unmasked_end = max(unmasked_end, unmasked_start)
+
+    # Rows and columns past the output's edge read other memory of the same buffer
+    # instead of being masked: they land in accumulator rows and columns that are never
+    # stored (a row of A'.B depends on that row of A' alone), and every load keeps at
+    # most a one-axis mask (with two-axis masks, the 4-stage D256 config computed wrong
+    # dK and dV on the H100, Triton 3.6: WORKSPACE_NOTES.md). Along a contiguous axis
+    # the index wraps (modulo a multiple of 8) rather than clamps, which keeps 16-byte
+    # loads: clamped, those loads went scalar and spilled 0.6-2.3 KB per thread at
+    # head dims like 520 (ptxas, sm_90a).
+    read_rows = tl.minimum(rows, OUT_ROWS - 1) if RAGGED_ROWS else rows
+    if TRANSPOSE_A and RAGGED_ROWS:  # keys are the contiguous axis of P and dS rows
+        read_rows = rows % PROBS_STRIDE
+    read_d = offs_d % HEAD_DIM if RAGGED_DIM else offs_d
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for group_member in range(HEADS_SUMMED):
+        a_head = out_head * HEADS_SUMMED + group_member
+        b_head = a_head // B_HEAD_GROUP
+        a_base = a_ptr + (batch * NUM_HEADS + a_head) * SEQ_Q * PROBS_STRIDE
+        if TRANSPOSE_A:
+            a_ptrs = tile_ptrs(a_base, offs_c, read_rows, PROBS_STRIDE, REDUCED)
+        else:
+            a_ptrs = tile_ptrs(a_base, read_rows, offs_c, PROBS_STRIDE, OUT_ROWS)
+        b_ptrs = tile_ptrs(b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH, offs_c, read_d,
+                           STRIDE_BS, REDUCED)
+        for start_c in range(first, unmasked_start, BLOCK_C):
+            acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     True, REDUCED % BLOCK_C != 0, DOT_PRECISION)
+        for start_c in range(unmasked_start, unmasked_end, BLOCK_C):
+            acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     False, False, DOT_PRECISION)
+        for start_c in range(unmasked_end, end, BLOCK_C):
+            acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     IS_CAUSAL and not TRANSPOSE_A, REDUCED % BLOCK_C != 0,
+                                     DOT_PRECISION)
+
+    acc *= OUT_SCALE
+    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + out_head * STRIDE_OH, rows,
+                         offs_d, STRIDE_OS, OUT_ROWS)
+    store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), rows, offs_d, OUT_ROWS, HEAD_DIM,
+               RAGGED_ROWS, RAGGED_DIM)
