@@ -70,10 +70,14 @@ class Problem:
         return not self.uses_flash_kernel and self.seq_k <= self.head_dim
 
     @property
-    def whole_row_dscores(self):
-        """Whether the backward's score gradients take whole key rows per program from
-        the kept softmax, summing delta themselves (no delta launch)."""
-        return self.keeps_probs and self.seq_k <= tuning.WHOLE_ROW_MAX_KEYS
+    def whole_rows(self):
+        """Whether the two-pass kernels take whole key rows per program (kernels
+        two_pass_forward._row_softmax_kernel, two_pass_backward._dscores_whole_rows_kernel).
+        16-bit inputs only: with fp32's 3xTF32 dots the sm_90 compile stages the whole
+        64 x 512 fp32 tile through shared memory (up to 200 KB), and fp32 keeps the
+        tiled kernels."""
+        return (not self.uses_flash_kernel and self.seq_k <= tuning.WHOLE_ROW_MAX_KEYS
+                and self.itemsize == 2)
 
     @property
     def kv_slices(self):
@@ -219,7 +223,7 @@ def _row_keys(p):
 
 
 def _whole_row_plan(p):
-    """Rows of up to tuning.WHOLE_ROW_MAX_KEYS keys: the softmax P of whole rows
+    """Problem.whole_rows: the softmax P of whole rows
     (always written: a backward pass keeps it), then O = P.V."""
     out, lse = _output_buffers(p)
     softmax = Launch(
@@ -232,7 +236,7 @@ def _whole_row_plan(p):
 
 def _two_pass_plan(p, tile_n, keep_probs):
     """keep_probs: the values launch also writes the softmax P (Problem.keeps_probs)."""
-    if p.seq_k <= tuning.WHOLE_ROW_MAX_KEYS:
+    if p.whole_rows:
         return _whole_row_plan(p)
     num_tiles = triton.cdiv(p.seq_k, tile_n)
     batch_heads = p.batch * p.num_heads
@@ -349,7 +353,7 @@ def _score_grads_launches(p):
     constexprs = dict(PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
                       **_stride_constexprs(p, "V", "DO"))
     dscores = (_probs_buffer(p, "dscores"),)
-    if p.whole_row_dscores:
+    if p.keeps_probs and p.whole_rows:
         return [Launch(two_pass_backward._dscores_whole_rows_kernel,
                        ("v", "dout", "probs", "dlse"), dscores,
                        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1,

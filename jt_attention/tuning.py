@@ -97,10 +97,9 @@ SCORE_TILES = dict(
     small_parts=[_config(4, 3, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
                  _config(4, 3, BLOCK_M=64, BLOCK_K=16)],   # fp32
 )
-ROW_SOFTMAX = dict(  # the keys of a row are not tuned: ROW_KEYS (plan.py)
+ROW_SOFTMAX = dict(  # 16-bit inputs only (plan.Problem.whole_rows); ROW_KEYS is not tuned
     h100=[_config(8, 3, BLOCK_M=64, BLOCK_K=64)],   # seed (1.257 ms; K32 5 stages 1.535)
-    small_parts=[_config(8, 2, BLOCK_M=64, BLOCK_K=32),    # fp16, bf16
-                 _config(8, 2, BLOCK_M=64, BLOCK_K=16)],   # fp32
+    small_parts=[_config(8, 2, BLOCK_M=64, BLOCK_K=32)],
 )
 WEIGHTED_VALUES = dict(
     # 8w3s D128 (the seed's winner until session 6) gave 5e-3 errors on the seed
@@ -144,9 +143,7 @@ def _whole_rows_shared_bytes(config, block_d, itemsize):
     blocks = config.kwargs
     pipeline = (blocks["BLOCK_M"] + WHOLE_ROW_MAX_KEYS) * blocks["BLOCK_K"] * config.num_stages
     # per-row fp32 maxima and sums cross warps through shared memory
-    row_sums = 8 * blocks["BLOCK_M"]
-    return (pipeline * itemsize + row_sums
-            + _fp32_staging_bytes(blocks["BLOCK_M"], blocks["BLOCK_K"], itemsize))
+    return pipeline * itemsize + 8 * blocks["BLOCK_M"]
 
 
 def _weighted_values_shared_bytes(config, block_d, itemsize):

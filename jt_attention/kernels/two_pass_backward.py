@@ -7,9 +7,9 @@ fit for D = 1024, and recomputing the scores per D-chunk would multiply their FL
 1. The score gradients: dP = dO.V^T as a GEMM over the head dim, then
    dS = P * (dP - delta), written once in the input dtype. Where the forward kept the
    softmax P, as it is no bigger than the output (plan.Problem.keeps_probs), it is
-   read back: for rows of up to tuning.WHOLE_ROW_MAX_KEYS keys one program takes BLOCK_M
-   whole rows and sums delta = rowsum(P * dP) itself (`_dscores_whole_rows_kernel`);
-   longer rows are tiled (`_dscores_from_probs_kernel`) and read delta =
+   read back: for rows of up to tuning.WHOLE_ROW_MAX_KEYS keys (16-bit inputs,
+   plan.Problem.whole_rows) one program takes BLOCK_M whole rows and sums
+   delta = rowsum(P * dP) itself (`_dscores_whole_rows_kernel`); other rows are tiled (`_dscores_from_probs_kernel`) and read delta =
    rowsum(dO * O) from backward_preprocess. Else P is recomputed from S = Q.K^T in
    the same loop and written too (`_score_grads_kernel`). Tiles wholly above the
    causal diagonal are skipped by the tiled kernels (never written, never read).
@@ -140,7 +140,7 @@ def _dscores_from_probs_kernel(
 ):
     """dS = P * (dO.V^T - delta) from the softmax P the forward kept
     (two_pass_forward._weighted_values_keeping_probs_kernel), for rows longer than
-    tuning.WHOLE_ROW_MAX_KEYS (else _dscores_whole_rows_kernel).
+    tuning.WHOLE_ROW_MAX_KEYS or fp32 inputs (else _dscores_whole_rows_kernel).
 
     programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
     probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""

@@ -17,10 +17,10 @@ its FLOPs. Instead (GUIDE.md section 4):
 The D-chunks of one row block are adjacent in the grid, so their re-reads of P come
 from L2. Scores are in base 2, as in the flash kernel.
 
-Rows of up to tuning.WHOLE_ROW_MAX_KEYS keys take another pair of launches, as one
-program holds a row block's whole score rows: `_row_softmax_kernel` writes the
-softmax P itself, normalized, and the logsumexp; then O = P.V is a plain GEMM
-(probs_matmul). No tile statistics, no rescaling, and a backward pass reads P as is.
+Rows of up to tuning.WHOLE_ROW_MAX_KEYS keys (16-bit inputs: plan.Problem.whole_rows)
+take another pair of launches, as one program holds a row block's whole score rows:
+`_row_softmax_kernel` writes the softmax P itself, normalized, and the logsumexp;
+then O = P.V is a plain GEMM (probs_matmul). No tile statistics, no rescaling, and a backward pass reads P as is.
 """
 
 import triton
