@@ -327,14 +327,13 @@ def _flash_backward_plan(p):
 
 def _probs_matmul_launch(p, a, b, out, out_scale):
     """out = out_scale * A'.b, where A' is `a` ("probs" or "dscores") or, for the key
-    gradients, its transpose. `out` is a gradient's name or the forward's output Buffer."""
-    transpose_a = out in ("dk", "dv")
+    gradients, its transpose; `out` is a Buffer."""
+    transpose_a = out.name in ("dk", "dv")
     rows, out_heads = (p.seq_k, p.num_kv_heads) if transpose_a else (p.seq_q, p.num_heads)
     b_tensor = {"dout": "DO", "q": "Q", "k": "K", "v": "V"}[b]
     out_like = "K" if transpose_a else "Q"
     return Launch(
-        probs_matmul._probs_matmul_kernel, (a, b),
-        _grad_buffers(p, out) if isinstance(out, str) else (out,),
+        probs_matmul._probs_matmul_kernel, (a, b), (out,),
         lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]),
                            triton.cdiv(rows, meta["BLOCK_R"]), p.batch * out_heads),
         dict(OUT_SCALE=out_scale, TRANSPOSE_A=transpose_a, PROBS_STRIDE=_probs_stride(p),
@@ -373,10 +372,10 @@ def _score_grads_launches(p):
 
 
 def _two_pass_backward_plan(p):
-    return _score_grads_launches(p) + [
-        _probs_matmul_launch(p, "probs", "dout", "dv", 1.0),
-        _probs_matmul_launch(p, "dscores", "q", "dk", p.scale),
-        _probs_matmul_launch(p, "dscores", "k", "dq", p.scale)]
+    dq, dk, dv = _grad_buffers(p, "dq", "dk", "dv")
+    return _score_grads_launches(p) + [_probs_matmul_launch(p, "probs", "dout", dv, 1.0),
+                                       _probs_matmul_launch(p, "dscores", "q", dk, p.scale),
+                                       _probs_matmul_launch(p, "dscores", "k", dq, p.scale)]
 
 
 def backward_plan(p):

@@ -9,7 +9,6 @@ score tiles past it. Cases sit on every side.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -9,8 +9,9 @@ fit for D = 1024, and recomputing the scores per D-chunk would multiply their FL
    softmax P, as it is no bigger than the output (plan.Problem.keeps_probs), it is
    read back: for rows of up to tuning.WHOLE_ROW_MAX_KEYS keys (16-bit inputs,
    plan.Problem.whole_rows) one program takes BLOCK_M whole rows and sums
-   delta = rowsum(P * dP) itself (`_dscores_whole_rows_kernel`); other rows are tiled (`_dscores_from_probs_kernel`) and read delta =
-   rowsum(dO * O) from backward_preprocess. Else P is recomputed from S = Q.K^T in
+   delta = rowsum(P * dP) itself (`_dscores_whole_rows_kernel`); other rows are tiled
+   (`_dscores_from_probs_kernel`) and read delta = rowsum(dO * O) from
+   backward_preprocess. Else P is recomputed from S = Q.K^T in
    the same loop and written too (`_score_grads_kernel`). Tiles wholly above the
    causal diagonal are skipped by the tiled kernels (never written, never read).
    Summing rowsum(dO * O) inside the tiled kernels instead, from the dO chunks

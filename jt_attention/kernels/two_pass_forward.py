@@ -20,7 +20,8 @@ from L2. Scores are in base 2, as in the flash kernel.
 Rows of up to tuning.WHOLE_ROW_MAX_KEYS keys (16-bit inputs: plan.Problem.whole_rows)
 take another pair of launches, as one program holds a row block's whole score rows:
 `_row_softmax_kernel` writes the softmax P itself, normalized, and the logsumexp;
-then O = P.V is a plain GEMM (probs_matmul). No tile statistics, no rescaling, and a backward pass reads P as is.
+then O = P.V is a plain GEMM (probs_matmul). No tile statistics, no rescaling, and a
+backward pass reads P as is.
 """
 
 import triton
