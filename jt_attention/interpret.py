@@ -32,8 +32,10 @@ INTERPRETER_BLOCKS = {
     "_score_grads_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
     "_dscores_from_probs_kernel": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64),
     "_dscores_whole_rows_kernel": dict(BLOCK_M=16, BLOCK_K=64),
-    "_probs_matmul_kernel": dict(BLOCK_R=32, BLOCK_C=16, BLOCK_D=64),
+    "_probs_matmul_kernel": dict(BLOCK_R=32, BLOCK_C=16, BLOCK_D=64, PERSISTENT=1),
 }
+# Persistent grids (the GEMMs) run this many programs, so that each walks several tiles.
+INTERPRETER_SMS = 3
 
 
 def interpreter_enabled():
@@ -119,7 +121,8 @@ def interpret_forward(q, k, v, problem, for_backward):
     """(out, lse [B, H, Sq] fp32, *kept) from the interpreted kernels, kept being
     plan.kept_buffers(problem) if `for_backward`, else none; works under jit."""
     _require_interpreter()
-    launches = forward_plan(problem, for_backward, score_tile_n=INTERPRETER_SCORE_TILE_N)
+    launches = forward_plan(problem, for_backward, score_tile_n=INTERPRETER_SCORE_TILE_N,
+                            num_sms=INTERPRETER_SMS)
     written = {b.name: b for launch in launches for b in launch.outputs}
     names = forward_outputs(problem, for_backward)
     result_shapes = tuple(jax.ShapeDtypeStruct(written[n].shape, written[n].dtype) for n in names)
@@ -135,7 +138,7 @@ def interpret_backward(arrays, problem):
     """(dq, dk, dv) from the interpreted backward kernels, given the
     plan.backward_inputs(problem) arrays; works under jit."""
     _require_interpreter()
-    launches = backward_plan(problem)
+    launches = backward_plan(problem, INTERPRETER_SMS)
     grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays[:3])
 
     def host(*arrays):

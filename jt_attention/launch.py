@@ -20,6 +20,13 @@ def compute_capability():
 
 
 @functools.cache
+def multiprocessor_count():
+    """SMs of the GPU, for the persistent grids; 0 (one program per tile) if jaxlib
+    does not report it."""
+    return getattr(jax.devices("gpu")[0], "core_count", 0)
+
+
+@functools.cache
 def _out_keyword(triton_call):
     """jax-triton 0.4 renamed out_shape= to out_type= (0.3.1 knows only out_shape=)."""
     return "out_type" if "out_type" in inspect.signature(triton_call).parameters else "out_shape"
@@ -31,7 +38,7 @@ def _run_launches(launches, buffers, problem):
 
     for launch in launches:
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.itemsize,
-                                  problem.block_d)
+                                  problem.block_d, launch.has_persistent_grid)
         out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]
         outputs = jax_triton.triton_call(
             *(buffers[name] for name in launch.inputs),
@@ -46,14 +53,14 @@ def _run_launches(launches, buffers, problem):
 def triton_forward(q, k, v, problem, for_backward):
     """(out, lse [B, H, Sq] fp32, *kept) on the GPU, kept being plan.kept_buffers(problem)
     if `for_backward`, else none; traceable, no host synchronisation."""
-    buffers = _run_launches(forward_plan(problem, for_backward), {"q": q, "k": k, "v": v},
-                            problem)
+    launches = forward_plan(problem, for_backward, num_sms=multiprocessor_count())
+    buffers = _run_launches(launches, {"q": q, "k": k, "v": v}, problem)
     return tuple(buffers[name] for name in forward_outputs(problem, for_backward))
 
 
 def triton_backward(arrays, problem):
     """(dq, dk, dv) from the plan.backward_inputs(problem) arrays: the forward's
     residuals and the (dout, dlse) cotangents."""
-    buffers = _run_launches(backward_plan(problem), dict(zip(backward_inputs(problem), arrays)),
-                            problem)
+    buffers = _run_launches(backward_plan(problem, multiprocessor_count()),
+                            dict(zip(backward_inputs(problem), arrays)), problem)
     return buffers["dq"], buffers["dk"], buffers["dv"]

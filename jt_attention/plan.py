@@ -5,6 +5,8 @@ The plan is data, so the jax-triton launcher (`launch.py`), the CPU interpreter
 """
 
 import dataclasses
+import functools
+import math
 from typing import Callable
 
 import numpy as np
@@ -135,6 +137,11 @@ class Launch:
     grid: Callable[[dict], tuple]  # metaparams (with the config's blocks) -> grid
     metaparams: dict
 
+    @property
+    def has_persistent_grid(self):
+        """Configs with PERSISTENT get a persistent grid (see _persistent_programs)."""
+        return self.metaparams.get("NUM_SMS", 0) > 0
+
 
 def _common_constexprs(p):
     return dict(IS_CAUSAL=p.is_causal, SEQ_Q=p.seq_q, SEQ_K=p.seq_k, NUM_HEADS=p.num_heads,
@@ -222,7 +229,7 @@ def _row_keys(p):
     return max(16, triton.next_power_of_2(p.seq_k))
 
 
-def _whole_row_plan(p):
+def _whole_row_plan(p, num_sms):
     """Problem.whole_rows: the softmax P of whole rows
     (always written: a backward pass keeps it), then O = P.V."""
     out, lse = _output_buffers(p)
@@ -231,13 +238,13 @@ def _whole_row_plan(p):
         lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
         dict(SCALE=p.scale, PROBS_STRIDE=_probs_stride(p), ROW_KEYS=_row_keys(p),
              **_common_constexprs(p), **_stride_constexprs(p, "Q", "K")))
-    return [softmax, _probs_matmul_launch(p, "probs", "v", out, 1.0)]
+    return [softmax, _probs_matmul_launch(p, "probs", "v", out, 1.0, num_sms)]
 
 
-def _two_pass_plan(p, tile_n, keep_probs):
+def _two_pass_plan(p, tile_n, keep_probs, num_sms):
     """keep_probs: the values launch also writes the softmax P (Problem.keeps_probs)."""
     if p.whole_rows:
-        return _whole_row_plan(p)
+        return _whole_row_plan(p, num_sms)
     num_tiles = triton.cdiv(p.seq_k, tile_n)
     batch_heads = p.batch * p.num_heads
     scores = Launch(
@@ -270,14 +277,14 @@ def forward_outputs(p, for_backward):
     return FORWARD_OUTPUTS + (kept_buffers(p) if for_backward else ())
 
 
-def forward_plan(p, for_backward=False, score_tile_n=tuning.SCORE_TILE_N):
+def forward_plan(p, for_backward=False, score_tile_n=tuning.SCORE_TILE_N, num_sms=0):
     """The launches of the forward pass; they write FORWARD_OUTPUTS, and kept_buffers(p)
-    too if `for_backward`."""
+    too if `for_backward`. num_sms: the GPU's SM count, for persistent grids (0: none)."""
     if p.kv_slices:
         return _split_kv_plan(p)
     if p.uses_flash_kernel:
         return _flash_plan(p)
-    return _two_pass_plan(p, score_tile_n, keep_probs=for_backward and p.keeps_probs)
+    return _two_pass_plan(p, score_tile_n, for_backward and p.keeps_probs, num_sms)
 
 
 # Backward: buffers "q", "k", "v", "out", "lse" and kept_buffers(p) (forward
@@ -325,20 +332,39 @@ def _flash_backward_plan(p):
     return [query_grads, key_grads]
 
 
-def _probs_matmul_launch(p, a, b, out, out_scale):
+def _probs_matmul_launch(p, a, b, out, out_scale, num_sms):
     """out = out_scale * A'.b, where A' is `a` ("probs" or "dscores") or, for the key
-    gradients, its transpose; `out` is a Buffer."""
+    gradients, its transpose; `out` is a Buffer. See _persistent_programs."""
     transpose_a = out.name in ("dk", "dv")
     rows, out_heads = (p.seq_k, p.num_kv_heads) if transpose_a else (p.seq_q, p.num_heads)
     b_tensor = {"dout": "DO", "q": "Q", "k": "K", "v": "V"}[b]
     out_like = "K" if transpose_a else "Q"
+    programs = 0 if transpose_a else _persistent_programs(p, num_sms)
+
+    def grid(meta):
+        tiles = (triton.cdiv(p.head_dim, meta["BLOCK_D"]), triton.cdiv(rows, meta["BLOCK_R"]),
+                 p.batch * out_heads)
+        if meta["PERSISTENT"] and programs:
+            return (min(math.prod(tiles), programs),)
+        return _grid(p, *tiles)
+
     return Launch(
-        probs_matmul._probs_matmul_kernel, (a, b), (out,),
-        lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]),
-                           triton.cdiv(rows, meta["BLOCK_R"]), p.batch * out_heads),
+        probs_matmul._probs_matmul_kernel, (a, b), (out,), grid,
         dict(OUT_SCALE=out_scale, TRANSPOSE_A=transpose_a, PROBS_STRIDE=_probs_stride(p),
-             **_common_constexprs(p), **_stride_constexprs(p, b_tensor, rename={b_tensor: "B"}),
+             BATCH=p.batch, NUM_SMS=programs, **_common_constexprs(p),
+             **_stride_constexprs(p, b_tensor, rename={b_tensor: "B"}),
              **_stride_constexprs(p, out_like, rename={out_like: "O"})))
+
+
+def _persistent_programs(p, num_sms):
+    """Programs of the persistent grid for O = P.V and dQ = dS.K (configs with
+    PERSISTENT), or 0 where none applies: num_sms = 0, causal problems (rows of
+    unequal length), and rows, keys or head dims that the persistent config's
+    blocks do not divide (their masked loops, flattened, took 16-48 KB more shared
+    memory than the config and spilled on sm_90: WORKSPACE_NOTES.md, session 9)."""
+    rows, keys, dims = tuning.PERSISTENT_BLOCKS
+    plain = not p.is_causal and not (p.seq_q % rows or p.seq_k % keys or p.head_dim % dims)
+    return num_sms if plain else 0
 
 
 def _probs_stride(p):
@@ -371,15 +397,17 @@ def _score_grads_launches(p):
     return [_delta_launch(p), score_grads]
 
 
-def _two_pass_backward_plan(p):
+def _two_pass_backward_plan(p, num_sms):
     dq, dk, dv = _grad_buffers(p, "dq", "dk", "dv")
-    return _score_grads_launches(p) + [_probs_matmul_launch(p, "probs", "dout", dv, 1.0),
-                                       _probs_matmul_launch(p, "dscores", "q", dk, p.scale),
-                                       _probs_matmul_launch(p, "dscores", "k", dq, p.scale)]
+    gemm = functools.partial(_probs_matmul_launch, p, num_sms=num_sms)
+    return _score_grads_launches(p) + [gemm("probs", "dout", dv, 1.0),
+                                       gemm("dscores", "q", dk, p.scale),
+                                       gemm("dscores", "k", dq, p.scale)]
 
 
-def backward_plan(p):
-    """The launches of the backward pass; together they write "dq", "dk" and "dv"."""
+def backward_plan(p, num_sms=0):
+    """The launches of the backward pass; together they write "dq", "dk" and "dv".
+    num_sms as in forward_plan."""
     if p.uses_flash_kernel:
         return _flash_backward_plan(p)
-    return _two_pass_backward_plan(p)
+    return _two_pass_backward_plan(p, num_sms)

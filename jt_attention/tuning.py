@@ -189,12 +189,15 @@ DSCORES_FROM_PROBS = dict(
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
 )
 DSCORES_WHOLE_ROWS = ROW_SOFTMAX  # the same loop; seed 1.482 ms (K32 5 stages 1.684)
+PERSISTENT_BLOCKS = (128, 64, 256)  # BLOCK_R, BLOCK_C, BLOCK_D of the persistent config
 PROBS_MATMUL = dict(  # the forward's P.V (rows <= WHOLE_ROW_MAX_KEYS) and backward GEMMs
     # seed P.V 1.225 ms; R256 D128 1.263, R64 D512 1.390, C128 2 stages 1.536 (session 8)
-    h100=[_config(8, 4, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256),   # seed
-          _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)],  # head dim 512; seed causal
-    small_parts=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128),
-                 _config(4, 2, BLOCK_R=64, BLOCK_C=32, BLOCK_D=128)],   # fp32
+    h100=[_config(8, 4, **dict(zip(("BLOCK_R", "BLOCK_C", "BLOCK_D"), PERSISTENT_BLOCKS)),
+                  PERSISTENT=1),  # seed P.V 1.190 ms against 1.259 (session 9)
+          _config(8, 4, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256, PERSISTENT=0),   # seed
+          _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256, PERSISTENT=0)],  # head dim 512
+    small_parts=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128, PERSISTENT=0),
+                 _config(4, 2, BLOCK_R=64, BLOCK_C=32, BLOCK_D=128, PERSISTENT=0)],   # fp32
 )
 
 
@@ -241,7 +244,9 @@ def _probs_matmul_shared_bytes(config, block_d, itemsize):
     del block_d  # the output is split into BLOCK_D chunks
     blocks = config.kwargs
     tile = blocks["BLOCK_C"] * (blocks["BLOCK_R"] + blocks["BLOCK_D"])
-    return (tile * config.num_stages * itemsize
+    # The persistent grid's flattened loop holds one more B block (sm_90, Triton 3.6).
+    persistent = blocks["PERSISTENT"] * blocks["BLOCK_C"] * blocks["BLOCK_D"]
+    return ((tile * config.num_stages + persistent) * itemsize
             + _fp32_staging_bytes(blocks["BLOCK_R"], blocks["BLOCK_C"], itemsize))
 
 
@@ -287,13 +292,18 @@ KERNEL_TUNING = {
 }
 
 
-def fitting_configs(kernel, compute_capability, itemsize, block_d):
-    """The kernel's configs for this device whose estimated shared memory fits it."""
+def fitting_configs(kernel, compute_capability, itemsize, block_d, persistent_grid=False):
+    """The kernel's configs for this device whose estimated shared memory fits it.
+
+    persistent_grid: the launch runs a persistent grid for configs with PERSISTENT
+    (plan: NUM_SMS > 0); without one those configs would repeat another, so they are
+    left out."""
     tuning = KERNEL_TUNING[kernel]
     limit = shared_memory_limit(compute_capability)
 
     def keep(config):
-        return tuning.shared_bytes(config, block_d, itemsize) <= limit
+        return ((persistent_grid or not config.kwargs.get("PERSISTENT"))
+                and tuning.shared_bytes(config, block_d, itemsize) <= limit)
 
     kept = [c for c in tuning.h100 if keep(c)] if limit > SMALLEST_SHARED_MEMORY_BYTES else []
     kept = kept or [c for c in tuning.small_parts if keep(c)]
@@ -303,11 +313,12 @@ def fitting_configs(kernel, compute_capability, itemsize, block_d):
     return kept
 
 
-def autotuned(kernel, compute_capability, itemsize, block_d):
-    """`kernel` wrapped in `triton.autotune` over its configs that fit the device.
+def autotuned(kernel, compute_capability, itemsize, block_d, persistent_grid=False):
+    """`kernel` wrapped in `triton.autotune` over its configs that fit the device
+    (fitting_configs).
 
     A fresh wrapper per trace, on purpose: jax-triton chains a new prune hook onto the
     Autotuner at every lowering, so a shared one would grow with every new shape.
     Compiled kernels are cached by jax-triton per JITFunction, so nothing recompiles."""
-    configs = fitting_configs(kernel, compute_capability, itemsize, block_d)
+    configs = fitting_configs(kernel, compute_capability, itemsize, block_d, persistent_grid)
     return triton.autotune(configs=configs, key=[])(kernel)

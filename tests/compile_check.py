@@ -27,7 +27,10 @@ PROBLEMS = [("float16", 64, True, 300, 257), ("bfloat16", 256, False, 300, 257),
             ("bfloat16", 520, False, 300, 257), ("float32", 72, False, 300, 257),
             ("float16", 256, False, 1, 4096), ("float32", 64, True, 16, 2048),
             ("bfloat16", 1024, False, 300, 700),  # kept, rows past the whole-row limit
-            ("float16", 264, True, 300, 300)]  # recomputed probabilities (kv_len > head_dim)
+            ("float16", 264, True, 300, 300),  # recomputed probabilities (kv_len > head_dim)
+            ("float16", 1024, False, 100, 700),  # dK, dV: one query block per KV group head
+            ("bfloat16", 512, False, 256, 512)]  # persistent GEMM grids
+H100_SMS = 132  # persistent grids are compiled for this many programs
 
 
 def compile_launch(launch, buffer_dtypes, config, compute_capability):
@@ -49,7 +52,7 @@ def compile_launch(launch, buffer_dtypes, config, compute_capability):
 def main():
     for dtype, head_dim, causal, seq_q, seq_k in PROBLEMS:
         problem = plan.Problem(2, seq_q, seq_k, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
-        launches = every_launch(problem)
+        launches = every_launch(problem, H100_SMS)
         buffer_dtypes = {name: problem.dtype for name in ("q", "k", "v", "dout")}
         buffer_dtypes["dlse"] = np.dtype(np.float32)
         buffer_dtypes.update((b.name, b.dtype) for l in launches for b in l.outputs)
@@ -57,7 +60,8 @@ def main():
             for launch in launches:
                 estimate = tuning.KERNEL_TUNING[launch.kernel].shared_bytes
                 for config in tuning.fitting_configs(launch.kernel, cc, problem.itemsize,
-                                                     problem.block_d):
+                                                     problem.block_d,
+                                                     launch.has_persistent_grid):
                     compiled = compile_launch(launch, buffer_dtypes, config, cc)
                     print(json.dumps(dict(
                         kernel=launch.kernel.fn.__name__, dtype=dtype, head_dim=head_dim,

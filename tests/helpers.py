@@ -10,13 +10,19 @@ TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 DTYPES = {"float16": np.float16, "bfloat16": jnp.dtype("bfloat16"), "float32": np.float32}
 
 
-def every_launch(problem):
+def every_launch(problem, num_sms=0):
     """Each launch a problem can run: the forward for a backward pass, the launches
-    that only an inference forward has, and the backward."""
-    for_backward = plan.forward_plan(problem, for_backward=True)
+    that only an inference forward has, and the backward (num_sms as in plan)."""
+    for_backward = plan.forward_plan(problem, for_backward=True, num_sms=num_sms)
     kernels = {launch.kernel for launch in for_backward}
-    return (for_backward + [l for l in plan.forward_plan(problem) if l.kernel not in kernels]
-            + plan.backward_plan(problem))
+    return (for_backward + [l for l in plan.forward_plan(problem, num_sms=num_sms)
+                            if l.kernel not in kernels]
+            + plan.backward_plan(problem, num_sms))
+
+
+def launch_path(launch):
+    """The kernel's name, marked where its grid is persistent: what the path tests count."""
+    return launch.kernel.fn.__name__ + (" persistent" if launch.has_persistent_grid else "")
 
 
 def kernel_implementation():

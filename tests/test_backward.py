@@ -15,7 +15,8 @@ from jax.test_util import check_grads
 import jt_attention
 from jt_attention import interpret, plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
-                     every_launch, kernel_implementation, random_inputs, relative_error)
+                     every_launch, kernel_implementation, launch_path, random_inputs,
+                     relative_error)
 
 IMPL = kernel_implementation()
 
@@ -37,6 +38,7 @@ CASES = [
     (1, 17, 19, 2, 2, 1000, "float16", False),   # head dim not a multiple of the chunks
     (1, 45, 40, 2, 2, 96, "float32", True),      # causal with q_len > kv_len, ragged tile
     (1, 9, 530, 2, 1, 544, "float16", False),    # rows past the whole-row limit: tiled dS
+    (1, 128, 64, 2, 1, 512, "bfloat16", False),  # dQ = dS.K on a persistent grid
     # score grads + GEMMs, recomputing the probabilities (kv_len > head_dim)
     (1, 21, 130, 2, 2, 72, "float32", True),
     (1, 37, 300, 4, 2, 264, "float16", False),
@@ -47,11 +49,11 @@ def test_cases_take_every_backward_path():
     kernels = set()
     for b, sq, sk, n, k, d, dtype, causal in CASES:
         problem = plan.Problem(b, sq, sk, n, k, d, np.dtype(DTYPES[dtype]), 0.1, causal)
-        kernels.update(launch.kernel.fn.__name__ for launch in plan.backward_plan(problem))
+        kernels.update(map(launch_path, plan.backward_plan(problem, interpret.INTERPRETER_SMS)))
     assert kernels == {kernel.fn.__name__ for kernel in tuning.KERNEL_TUNING} - {
         "_flash_forward_kernel", "_split_kv_kernel", "_split_kv_combine_kernel",
         "_row_softmax_kernel", "_score_tiles_kernel", "_weighted_values_kernel",
-        "_weighted_values_keeping_probs_kernel"}
+        "_weighted_values_keeping_probs_kernel"} | {"_probs_matmul_kernel persistent"}
 
 
 def _case_id(case):
@@ -216,6 +218,7 @@ GPU_SWEEP = [
     (512, "float16", True, 1000, 1000), (1024, "bfloat16", False, 777, 1537),
     (96, "float32", True, 1000, 1000),
     (1024, "float16", True, 777, 1000), (520, "bfloat16", False, 1000, 333),  # kept P
+    (1024, "float16", False, 100, 700),  # one query block per head of a KV group (dK, dV)
 ]
 
 
@@ -257,8 +260,11 @@ def test_every_config_on_gpu(monkeypatch, head_dim, dtype, causal, seq_q, seq_k)
     out_want, _ = attention_float64(q, k, v, problem.scale, causal)
     grads_want = attention_grads_float64(q, k, v, dout, problem.scale, causal)
     fitting = tuning.fitting_configs
-    per_kernel = {l.kernel: fitting(l.kernel, "9.0", problem.itemsize, problem.block_d)
-                  for l in every_launch(problem)}
+    from jt_attention import launch  # imports on a GPU machine only
+
+    per_kernel = {l.kernel: fitting(l.kernel, "9.0", problem.itemsize, problem.block_d,
+                                    l.has_persistent_grid)
+                  for l in every_launch(problem, launch.multiprocessor_count())}
     attend = lambda q, k, v: jt_attention.dot_product_attention(q, k, v, is_causal=causal)
     for i in range(max(map(len, per_kernel.values()))):
         forced = {kernel: [configs[min(i, len(configs) - 1)]]

@@ -15,7 +15,7 @@ import pytest
 import jt_attention
 from jt_attention import interpret, plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, kernel_implementation,
-                     random_inputs, relative_error)
+                     launch_path, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -43,6 +43,7 @@ CASES = [
     (1, 33, 100, 2, 2, 1000, "float16", False),  # head dim not a multiple of the chunks
     (1, 65, 65, 2, 2, 1024, "float16", True),
     (1, 1, 97, 2, 2, 1024, "float32", False),
+    (1, 128, 64, 2, 1, 512, "float16", False),   # O = P.V on a persistent grid
     # two-pass kernels: score tiles (rows longer than the whole-row limit)
     (1, 20, 600, 2, 1, 288, "bfloat16", True),
     (1, 7, 530, 2, 2, 520, "float16", False),
@@ -53,10 +54,11 @@ def test_cases_take_every_forward_path():
     kernels = set()
     for b, sq, sk, n, k, d, dtype, causal in CASES:
         problem = plan.Problem(b, sq, sk, n, k, d, np.dtype(DTYPES[dtype]), 0.1, causal)
-        kernels.update(launch.kernel.fn.__name__ for launch in plan.forward_plan(problem))
+        kernels.update(launch_path(launch) for launch in plan.forward_plan(
+            problem, num_sms=interpret.INTERPRETER_SMS))
     assert kernels == {"_flash_forward_kernel", "_split_kv_kernel", "_split_kv_combine_kernel",
                        "_row_softmax_kernel", "_probs_matmul_kernel", "_score_tiles_kernel",
-                       "_weighted_values_kernel"}
+                       "_weighted_values_kernel", "_probs_matmul_kernel persistent"}
 
 
 def _case_id(case):

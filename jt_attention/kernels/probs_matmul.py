@@ -47,31 +47,70 @@ def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
 def _probs_matmul_kernel(
     a_ptr, b_ptr, out_ptr,
     OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    BATCH: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
     STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_SMS: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """out = OUT_SCALE * A' . B per batch·head, A' = A^T if TRANSPOSE_A else A.
 
     A (P or dS) is [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE].
     TRANSPOSE_A (dV = P^T.dO, dK = dS^T.Q): rows are keys, the reduction runs over
       the queries of every head of a KV group; B is query-shaped, out key-shaped;
-      programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), batch * NUM_KV_HEADS).
-    Otherwise (dQ = dS.K): rows are queries, the reduction runs over keys; B is K;
-      programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R), batch * NUM_HEADS).
+      tiles (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), BATCH * NUM_KV_HEADS).
+    Otherwise (O = P.V, dQ = dS.K): rows are queries, the reduction runs over keys;
+      B is V or K; tiles (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R), BATCH * NUM_HEADS).
+    PERSISTENT (a tuned choice; where the plan passes NUM_SMS = 0, the problem has no
+      persistent grid and every config runs one program per tile): a grid of
+      min(tiles, NUM_SMS) programs walks the tiles in one flattened loop, so the loads
+      of a tile start under the previous tile's store, which is exposed otherwise
+      (the seed workload's tiles have only 8 reduction steps).
     """
+    OUT_ROWS: tl.constexpr = SEQ_K if TRANSPOSE_A else SEQ_Q
+    OUT_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP if TRANSPOSE_A else NUM_HEADS
+    D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
+    ROW_BLOCKS: tl.constexpr = (OUT_ROWS + BLOCK_R - 1) // BLOCK_R
+    if not PERSISTENT or NUM_SMS == 0:
+        d_block, row_block, batch_out_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+        _probs_matmul_tile(a_ptr, b_ptr, out_ptr, d_block, row_block, batch_out_head,
+                           OUT_SCALE, TRANSPOSE_A, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP,
+                           HEAD_DIM, PROBS_STRIDE, STRIDE_BB, STRIDE_BS, STRIDE_BH, STRIDE_OB,
+                           STRIDE_OS, STRIDE_OH, DOT_PRECISION, BLOCK_R, BLOCK_C, BLOCK_D)
+    else:
+        NUM_TILES: tl.constexpr = D_BLOCKS * ROW_BLOCKS * BATCH * OUT_HEADS
+        for tile in tl.range(tl.program_id(0), NUM_TILES, NUM_SMS, flatten=True):
+            batch_out_head = tile // (D_BLOCKS * ROW_BLOCKS)
+            if WIDE_INDEXING:  # as grid_coords: base offsets past 2**31 elements
+                batch_out_head = batch_out_head.to(tl.int64)
+            _probs_matmul_tile(a_ptr, b_ptr, out_ptr, tile % D_BLOCKS,
+                               (tile // D_BLOCKS) % ROW_BLOCKS, batch_out_head,
+                               OUT_SCALE, TRANSPOSE_A, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS,
+                               KV_GROUP, HEAD_DIM, PROBS_STRIDE, STRIDE_BB, STRIDE_BS, STRIDE_BH,
+                               STRIDE_OB, STRIDE_OS, STRIDE_OH, DOT_PRECISION, BLOCK_R, BLOCK_C,
+                               BLOCK_D)
+
+
+@triton.jit
+def _probs_matmul_tile(
+    a_ptr, b_ptr, out_ptr, d_block, row_block, batch_out_head,
+    OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
+    STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
+    STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One (BLOCK_R rows, BLOCK_D columns) tile of out (see _probs_matmul_kernel)."""
     OUT_ROWS: tl.constexpr = SEQ_K if TRANSPOSE_A else SEQ_Q
     REDUCED: tl.constexpr = SEQ_Q if TRANSPOSE_A else SEQ_K
     HEADS_SUMMED: tl.constexpr = KV_GROUP if TRANSPOSE_A else 1
     B_HEAD_GROUP: tl.constexpr = 1 if TRANSPOSE_A else KV_GROUP  # B is dO or Q, else K
     OUT_HEADS: tl.constexpr = NUM_HEADS // HEADS_SUMMED
-    D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
-    ROW_BLOCKS: tl.constexpr = (OUT_ROWS + BLOCK_R - 1) // BLOCK_R
-    d_block, row_block, batch_out_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
     start_d = d_block * BLOCK_D
     start_r = row_block * BLOCK_R
     batch = batch_out_head // OUT_HEADS
@@ -96,6 +135,12 @@ def _probs_matmul_kernel(
             unmasked_end = min(unmasked_end, (start_r // BLOCK_C) * BLOCK_C)
             end = min(end, start_r + BLOCK_R)
     unmasked_end = max(unmasked_end, unmasked_start)
+    if HEADS_SUMMED > 1:
+        # The same value, which the compiler cannot fold: with constexpr bounds a
+        # one-block loop (64 < q_len <= 128) is inlined, and Triton 3.6 then pipelines
+        # the group loop around both steps, with 2-3x the config's shared memory
+        # (393 KB for the 4-stage D256 config on sm_90: no config could launch).
+        unmasked_end = min(unmasked_end, start_r + REDUCED)
 
     # Rows and columns past the output's edge read other memory of the same buffer
     # instead of being masked: they land in accumulator rows and columns that are never
