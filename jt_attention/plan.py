@@ -362,8 +362,9 @@ def _persistent_programs(p, num_sms):
     unequal length), and rows, keys or head dims that the persistent config's
     blocks do not divide (their masked loops, flattened, took 16-48 KB more shared
     memory than the config and spilled on sm_90: WORKSPACE_NOTES.md, session 9)."""
-    rows, keys, dims = tuning.PERSISTENT_BLOCKS
-    plain = not p.is_causal and not (p.seq_q % rows or p.seq_k % keys or p.head_dim % dims)
+    blocks = tuning.PERSISTENT_BLOCKS
+    plain = not p.is_causal and not (p.seq_q % blocks["BLOCK_R"] or p.seq_k % blocks["BLOCK_C"]
+                                     or p.head_dim % blocks["BLOCK_D"])
     return num_sms if plain else 0
 
 

@@ -189,11 +189,10 @@ DSCORES_FROM_PROBS = dict(
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],   # fp32
 )
 DSCORES_WHOLE_ROWS = ROW_SOFTMAX  # the same loop; seed 1.482 ms (K32 5 stages 1.684)
-PERSISTENT_BLOCKS = (128, 64, 256)  # BLOCK_R, BLOCK_C, BLOCK_D of the persistent config
+PERSISTENT_BLOCKS = dict(BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)  # of the persistent config
 PROBS_MATMUL = dict(  # the forward's P.V (rows <= WHOLE_ROW_MAX_KEYS) and backward GEMMs
     # seed P.V 1.225 ms; R256 D128 1.263, R64 D512 1.390, C128 2 stages 1.536 (session 8)
-    h100=[_config(8, 4, **dict(zip(("BLOCK_R", "BLOCK_C", "BLOCK_D"), PERSISTENT_BLOCKS)),
-                  PERSISTENT=1),  # seed P.V 1.190 ms against 1.259 (session 9)
+    h100=[_config(8, 4, **PERSISTENT_BLOCKS, PERSISTENT=1),  # seed P.V 1.190 ms vs 1.259 (s9)
           _config(8, 4, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256, PERSISTENT=0),   # seed
           _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256, PERSISTENT=0)],  # head dim 512
     small_parts=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128, PERSISTENT=0),
