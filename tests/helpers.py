@@ -62,6 +62,15 @@ def relative_error(out, ref):
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def gradient_error(grad, want):
+    """Relative error; absolute where the true gradient is zero (dq and dk with one key)."""
+    if not np.any(want):
+        grad = np.asarray(grad).astype(np.float64)
+        assert np.isfinite(grad).all(), "gradient has NaN or Inf"
+        return float(np.abs(grad).max())
+    return relative_error(grad, want)
+
+
 def attention_grads_float64(q, k, v, dout, scale, is_causal, dlse=None):
     """Gradients (dq, dk, dv) of <out, dout> + <lse, dlse> in float64, by the closed form.
 
