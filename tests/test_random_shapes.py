@@ -30,7 +30,7 @@ def draw_case(index, max_seq, max_elements):
     dtype = str(rng.choice(list(DTYPES), p=[0.4, 0.4, 0.2]))
     head_dim = int(rng.choice([rng.integers(2, 33) * 8,      # flash kernels
                                rng.integers(33, 129) * 8,    # two-pass kernels
-                               rng.integers(16, 1025)]))     # not a multiple of 8
+                               rng.integers(16, 1025)]))     # any, mostly not a multiple of 8
     kv_heads, group = int(rng.integers(1, 4)), int(rng.choice([1, 1, 2, 3, 4, 8]))
     batch = int(rng.integers(1, 4))
     shortest = 1 if rng.random() < 0.4 else max_seq // 16  # else several blocks long
