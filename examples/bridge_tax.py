@@ -47,11 +47,19 @@ def _via_jax_triton(launch, config, inputs):
     meta = {**launch.metaparams, **config.kwargs}
     out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]
     keyword = jt_launch._out_keyword(jax_triton.triton_call)
-    call = jax.jit(lambda *xs: jax_triton.triton_call(
-        *xs, kernel=launch.kernel, grid=launch.grid(meta), num_warps=config.num_warps,
-        num_stages=config.num_stages, **{keyword: out_types}, **meta))
-    ms = _median_ms_per_call(lambda: call(*inputs), jax.block_until_ready)
-    return ms, call(*inputs)
+    arrays = [x for x in inputs if not isinstance(x, int)]
+
+    def kernel_call(*arrays):  # ints (a chunk's first head) stay Python scalars
+        remaining = iter(arrays)
+        arguments = [x if isinstance(x, int) else next(remaining) for x in inputs]
+        return jax_triton.triton_call(
+            *arguments, kernel=launch.kernel, grid=launch.grid(meta),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            **{keyword: out_types}, **meta)
+
+    call = jax.jit(kernel_call)
+    ms = _median_ms_per_call(lambda: call(*arrays), jax.block_until_ready)
+    return ms, call(*arrays)
 
 
 def _via_triton(launch, config, inputs):
@@ -81,7 +89,10 @@ def main(argv):
                                       problem.block_d)[0] for l in launches]
     # Triton's launcher first: once jax-triton has compiled in this process, Triton's own
     # launcher failed on the H100 machine ("Could not create or locate cache dir").
-    triton_ms = _time_plan(_via_triton, launches, configs, _torch_buffers(buffers))
+    import torch
+
+    triton_ms = _time_plan(_via_triton, launches, configs, _torch_buffers(buffers),
+                           lambda dtype: torch.from_dlpack(_unwritten(dtype)))
     jax_ms = _time_plan(_via_jax_triton, launches, configs, buffers)
     for launch, config, ours, theirs in zip(launches, configs, jax_ms, triton_ms):
         print(f"{launch.kernel.fn.__name__:26s} {str(config.kwargs):42s} jax-triton "
@@ -95,11 +106,16 @@ def _torch_buffers(buffers):
     return {name: torch.from_dlpack(x) for name, x in buffers.items()}
 
 
-def _time_plan(via, launches, configs, buffers):
-    """ms per call of each launch through `via`; each launch feeds on the earlier outputs."""
+def _unwritten(dtype):
+    return jnp.zeros((1,), dtype)
+
+
+def _time_plan(via, launches, configs, buffers, unwritten=_unwritten):
+    """ms per call of each launch through `via`; each launch feeds on the earlier outputs
+    (outputs a launch would update in place come out new: the timing is the same)."""
     times = []
     for launch, config in zip(launches, configs):
-        ms, outputs = via(launch, config, [buffers[name] for name in launch.inputs])
+        ms, outputs = via(launch, config, launch.arguments(buffers, unwritten))
         buffers.update(zip((b.name for b in launch.outputs), outputs))
         times.append(ms)
     return times

@@ -43,9 +43,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
     Supported: float16, bfloat16 and float32 (query, key and value alike); head_dim
     16 to 1024 (kernels: a flash online-softmax kernel up to 256, 64 for float32;
-    above, two launches that write the probabilities once, O(B*N*T*S) extra memory,
-    and, under jax.grad where kv_len <= head_dim, the softmax kept for the backward);
-    any q_len and kv_len >= 1.
+    above, two launches that write the probabilities once, taking the batch·heads in
+    chunks whose [T, S] buffers stay within 2 GiB (tuning.SCORE_SCRATCH_BYTES), and,
+    under jax.grad where kv_len <= head_dim, the softmax kept for the backward); any
+    q_len and kv_len >= 1.
 
     Differentiable in reverse mode (jax.grad, jax.vjp, also under jit and remat) with
     Triton backward kernels, for the output and for the returned logsumexp; the

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 
-from jt_attention.plan import backward_inputs, backward_plan, forward_outputs, forward_plan
+from jt_attention.plan import (Buffer, backward_inputs, backward_plan, forward_outputs,
+                               forward_plan)
 
 INTERPRETER_SCORE_TILE_N = 32
 INTERPRETER_BLOCKS = {
@@ -101,6 +102,10 @@ def _empty_poisoned(buffer):
     return _to_torch(np.full(buffer.shape, np.nan, dtype=buffer.dtype))
 
 
+def _unwritten(dtype):
+    return _empty_poisoned(Buffer("unwritten", (1,), dtype))
+
+
 def run_interpreted(launches, arrays, blocks=None):
     """Runs `launches` on numpy `arrays` (name -> array); returns every buffer as numpy."""
     _require_interpreter()
@@ -108,10 +113,12 @@ def run_interpreted(launches, arrays, blocks=None):
     buffers = {name: _to_torch(array) for name, array in arrays.items()}
     dtypes = {name: array.dtype for name, array in arrays.items()}
     for launch in launches:
-        outputs = [_empty_poisoned(b) for b in launch.outputs]
+        # In-place outputs are their input tensors; the rest start as NaN.
+        outputs = [buffers[b.name] if b.name in launch.in_place else _empty_poisoned(b)
+                   for b in launch.outputs]
         metaparams = {**launch.metaparams, **blocks[launch.kernel.fn.__name__]}
         launch.kernel[launch.grid(metaparams)](
-            *(buffers[name] for name in launch.inputs), *outputs, **metaparams)
+            *launch.arguments(buffers, _unwritten), *outputs, **metaparams)
         buffers.update(zip((b.name for b in launch.outputs), outputs))
         dtypes.update((b.name, b.dtype) for b in launch.outputs)
     return {name: _to_numpy(t, dtypes[name]) for name, t in buffers.items()}

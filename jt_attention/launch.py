@@ -9,6 +9,7 @@ import functools
 import inspect
 
 import jax
+import jax.numpy as jnp
 
 from jt_attention import tuning
 from jt_attention.plan import backward_inputs, backward_plan, forward_outputs, forward_plan
@@ -32,21 +33,53 @@ def _out_keyword(triton_call):
     return "out_type" if "out_type" in inspect.signature(triton_call).parameters else "out_shape"
 
 
+def _unwritten(dtype):
+    return jnp.zeros((1,), dtype)
+
+
+def _in_place_aliases(launch):
+    """jax-triton's input_output_aliases: array-input index (ints are not arrays) ->
+    output index, for the outputs the launch updates in place."""
+    arrays = [x for x in launch.inputs if not isinstance(x, int)]
+    outputs = [b.name for b in launch.outputs]
+    return {arrays.index(name): outputs.index(name) for name in launch.in_place}
+
+
+def _after(arguments, previous, buffers):
+    """`arguments` made to wait for the `previous` buffers: both pass one optimization
+    barrier, and later launches read the previous buffers from it too (each buffer
+    then has one reader before its next in-place update, so XLA adds no copy)."""
+    arrays = [i for i, x in enumerate(arguments) if not isinstance(x, int)]
+    held, outputs = jax.lax.optimization_barrier(
+        ([arguments[i] for i in arrays], [buffers[name] for name in previous]))
+    buffers.update(zip(previous, outputs))
+    arguments = list(arguments)
+    for i, array in zip(arrays, held):
+        arguments[i] = array
+    return arguments
+
+
 def _run_launches(launches, buffers, problem):
     """Launches each kernel in turn; `buffers` (name -> array) gains their outputs."""
     import jax_triton
 
+    previous = ()
     for launch in launches:
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.itemsize,
                                   problem.block_d, launch.has_persistent_grid)
         out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]
+        arguments = launch.arguments(buffers, _unwritten)
+        if launch.after_previous:
+            arguments = _after(arguments, previous, buffers)
         outputs = jax_triton.triton_call(
-            *(buffers[name] for name in launch.inputs),
+            *arguments,
             kernel=kernel,
             grid=launch.grid,
+            input_output_aliases=_in_place_aliases(launch),
             **{_out_keyword(jax_triton.triton_call): out_types},
             **launch.metaparams)
-        buffers.update(zip((b.name for b in launch.outputs), outputs))
+        previous = tuple(b.name for b in launch.outputs)
+        buffers.update(zip(previous, outputs))
     return buffers
 
 

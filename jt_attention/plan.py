@@ -82,6 +82,35 @@ class Problem:
                 and self.itemsize == 2)
 
     @property
+    def padded_seq_k(self):
+        """kv_len rounded up to whole score tiles: the longest row of a P or dS buffer."""
+        return triton.cdiv(self.seq_k, tuning.SCORE_TILE_N) * tuning.SCORE_TILE_N
+
+    @property
+    def score_bytes_per_head(self):
+        """Scratch of the two-pass launches per query head: two [q_len, kv_len] buffers
+        (the backward's P and dS; the forward writes one), rows padded to score tiles."""
+        return 2 * self.seq_q * self.padded_seq_k * self.itemsize
+
+    @property
+    def head_chunks(self):
+        """[(first query head, heads)] of the batch·heads (flattened, batch-major) that
+        the two-pass launches take in turn, so that their score-sized scratch stays
+        within tuning.SCORE_SCRATCH_BYTES: O(B·H·S) memory plus a fixed budget rather
+        than O(B·H·Sq·Sk). Chunks hold whole KV groups (dK and dV sum a group's heads)
+        and are as even as that allows. One chunk where that scratch fits, for the flash
+        kernels (none), and where the forward keeps P (no bigger than the output)."""
+        heads = self.batch * self.num_heads
+        group = self.num_heads // self.num_kv_heads
+        groups_per_chunk = max(1, tuning.SCORE_SCRATCH_BYTES
+                               // (group * self.score_bytes_per_head))
+        if self.uses_flash_kernel or self.keeps_probs or groups_per_chunk * group >= heads:
+            return [(0, heads)]
+        num_chunks = triton.cdiv(heads // group, groups_per_chunk)
+        chunk = triton.cdiv(heads // group, num_chunks) * group
+        return [(start, min(chunk, heads - start)) for start in range(0, heads, chunk)]
+
+    @property
     def kv_slices(self):
         """(slice length, number of slices) for the split-KV forward, or None.
 
@@ -108,9 +137,9 @@ class Problem:
         grid dims y and z, or a buffer of 2**31 elements or more."""
         elements = self.batch * max(self.seq_q * self.num_heads,
                                     self.seq_k * self.num_kv_heads) * self.head_dim
-        if not self.uses_flash_kernel:  # P and dS, rows padded to whole score tiles
-            padded_k = triton.cdiv(self.seq_k, tuning.SCORE_TILE_N) * tuning.SCORE_TILE_N
-            elements = max(elements, self.batch * self.num_heads * self.seq_q * padded_k)
+        if not self.uses_flash_kernel:  # P or dS of the largest chunk
+            chunk_heads = self.head_chunks[0][1]
+            elements = max(elements, chunk_heads * self.seq_q * self.padded_seq_k)
         row_blocks = triton.cdiv(max(self.seq_q, self.seq_k), tuning.MIN_BLOCK_ROWS)
         return (max(self.batch * self.num_heads, row_blocks) > GRID_YZ_LIMIT
                 or elements >= INT32_LIMIT)
@@ -129,18 +158,59 @@ class Buffer:
 
 
 @dataclasses.dataclass(frozen=True)
+class Unwritten:
+    """The input slot of an output that a chunk's launch updates in place, where no
+    earlier chunk wrote it: the launchers pass a one-element array of this dtype,
+    which the kernel never reads."""
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
 class Launch:
-    """One kernel launch: reads `inputs` (buffer names), writes `outputs`."""
+    """One kernel launch: reads `inputs`, writes `outputs` (Buffers).
+
+    Inputs are buffer names, ints (a chunk's first head: Problem.head_chunks) or
+    Unwritten slots, in the kernel's argument order. An output named like one of the
+    inputs is updated in place: earlier chunks wrote the rest of it.
+    after_previous: set on every launch but the first of a plan of several chunks; the
+    jax-triton launcher orders it after the previous launch, as XLA could otherwise
+    interleave the chunks and keep several chunks' scratch alive at once."""
     kernel: triton.JITFunction
     inputs: tuple
     outputs: tuple  # of Buffer
     grid: Callable[[dict], tuple]  # metaparams (with the config's blocks) -> grid
     metaparams: dict
+    after_previous: bool = False
 
     @property
     def has_persistent_grid(self):
         """Configs with PERSISTENT get a persistent grid (see _persistent_programs)."""
         return self.metaparams.get("NUM_SMS", 0) > 0
+
+    @property
+    def in_place(self):
+        """Names of the outputs this launch updates in place."""
+        return tuple(b.name for b in self.outputs if b.name in self.inputs)
+
+    def arguments(self, buffers, unwritten):
+        """The inputs as kernel arguments: buffers[name], ints as they are, and
+        unwritten(dtype) for an Unwritten slot."""
+        return [buffers[x] if isinstance(x, str) else
+                unwritten(x.dtype) if isinstance(x, Unwritten) else x for x in self.inputs]
+
+
+def _in_place(start, buffer):
+    """The input slot of `buffer`, an output of the chunk from head `start` on."""
+    return buffer.name if start else Unwritten(buffer.dtype)
+
+
+def _in_chunks(p, chunk_launches):
+    """chunk_launches(start, heads) for each of p.head_chunks, in turn."""
+    first, *rest = [launch for start, heads in p.head_chunks
+                    for launch in chunk_launches(start, heads)]
+    if len(p.head_chunks) > 1:
+        rest = [dataclasses.replace(launch, after_previous=True) for launch in rest]
+    return [first, *rest]
 
 
 def _common_constexprs(p):
@@ -208,20 +278,27 @@ def _split_kv_plan(p):
     return [split, combine]
 
 
-def _score_tile_buffers(p, tile_n):
-    """Probabilities exp2(s - m_t) per TILE_N keys, and their row max m_t and row sum."""
+def _score_tile_buffers(p, tile_n, heads):
+    """Probabilities exp2(s - m_t) per TILE_N keys, and their row max m_t and row sum,
+    for a chunk of `heads` query heads."""
     num_tiles = triton.cdiv(p.seq_k, tile_n)
-    stats_shape = (p.batch, p.num_heads, num_tiles, p.seq_q)
-    return (Buffer("tile_probs", (p.batch, p.num_heads, p.seq_q, num_tiles * tile_n),
-                   np.dtype(p.dtype)),
+    stats_shape = (heads, num_tiles, p.seq_q)
+    return (Buffer("tile_probs", (heads, p.seq_q, num_tiles * tile_n), np.dtype(p.dtype)),
             Buffer("tile_max", stats_shape, np.dtype(np.float32)),
             Buffer("tile_sum", stats_shape, np.dtype(np.float32)))
 
 
-def _probs_buffer(p, name):
-    """[B, H, Sq, Sk] probabilities or their gradients, in the input dtype; rows padded
-    to whole 16-byte vectors."""
-    return Buffer(name, (p.batch, p.num_heads, p.seq_q, _probs_stride(p)), np.dtype(p.dtype))
+def _heads_shape(p, heads):
+    """Leading dims of a per-head buffer of a chunk: [batch, num_heads] for the whole
+    problem (the kept P is a residual, which jax.vmap folds along the batch), else
+    [heads]."""
+    return (p.batch, p.num_heads) if heads == p.batch * p.num_heads else (heads,)
+
+
+def _probs_buffer(p, name, heads):
+    """Probabilities or their gradients of a chunk of `heads` query heads, [.., Sq, Sk]
+    in the input dtype; rows padded to whole 16-byte vectors."""
+    return Buffer(name, _heads_shape(p, heads) + (p.seq_q, _probs_stride(p)), np.dtype(p.dtype))
 
 
 def _row_keys(p):
@@ -229,39 +306,52 @@ def _row_keys(p):
     return max(16, triton.next_power_of_2(p.seq_k))
 
 
-def _whole_row_plan(p, num_sms):
+def _whole_row_launches(p, start, heads, num_sms):
     """Problem.whole_rows: the softmax P of whole rows
     (always written: a backward pass keeps it), then O = P.V."""
     out, lse = _output_buffers(p)
     softmax = Launch(
-        two_pass_forward._row_softmax_kernel, ("q", "k"), (_probs_buffer(p, "probs"), lse),
-        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
+        two_pass_forward._row_softmax_kernel, ("q", "k", start, _in_place(start, lse)),
+        (_probs_buffer(p, "probs", heads), lse),
+        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, heads),
         dict(SCALE=p.scale, PROBS_STRIDE=_probs_stride(p), ROW_KEYS=_row_keys(p),
              **_common_constexprs(p), **_stride_constexprs(p, "Q", "K")))
-    return [softmax, _probs_matmul_launch(p, "probs", "v", out, 1.0, num_sms)]
+    return [softmax, _probs_matmul_launch(p, "probs", "v", out, 1.0, num_sms, start, heads)]
+
+
+def _tiled_launches(p, start, heads, tile_n, keep_probs):
+    """Score tiles, then their values; keep_probs as in _two_pass_plan (one chunk)."""
+    num_tiles = triton.cdiv(p.seq_k, tile_n)
+    scores = Launch(
+        two_pass_forward._score_tiles_kernel, ("q", "k", start),
+        _score_tile_buffers(p, tile_n, heads),
+        lambda meta: _grid(p, num_tiles, triton.cdiv(p.seq_q, meta["BLOCK_M"]), heads),
+        dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
+             **_stride_constexprs(p, "Q", "K")))
+    tiles = ("tile_probs", "tile_max", "tile_sum", "v")
+    out, lse = _output_buffers(p)
+    if keep_probs:
+        kernel, inputs = two_pass_forward._weighted_values_keeping_probs_kernel, tiles
+        outputs = (out, lse, _probs_buffer(p, "probs", heads))
+    else:
+        kernel, outputs = two_pass_forward._weighted_values_kernel, (out, lse)
+        inputs = tiles + (start, _in_place(start, out), _in_place(start, lse))
+    values = Launch(
+        kernel, inputs, outputs,
+        lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]) + keep_probs,
+                           triton.cdiv(p.seq_q, meta["BLOCK_M"]), heads),
+        dict(TILE_N=tile_n, **_common_constexprs(p), **_stride_constexprs(p, "V", "O"),
+             **(dict(PROBS_STRIDE=_probs_stride(p)) if keep_probs else {})))
+    return [scores, values]
 
 
 def _two_pass_plan(p, tile_n, keep_probs, num_sms):
     """keep_probs: the values launch also writes the softmax P (Problem.keeps_probs)."""
-    if p.whole_rows:
-        return _whole_row_plan(p, num_sms)
-    num_tiles = triton.cdiv(p.seq_k, tile_n)
-    batch_heads = p.batch * p.num_heads
-    scores = Launch(
-        two_pass_forward._score_tiles_kernel, ("q", "k"), _score_tile_buffers(p, tile_n),
-        lambda meta: _grid(p, num_tiles, triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
-        dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
-             **_stride_constexprs(p, "Q", "K")))
-    values = Launch(
-        (two_pass_forward._weighted_values_keeping_probs_kernel if keep_probs
-         else two_pass_forward._weighted_values_kernel),
-        ("tile_probs", "tile_max", "tile_sum", "v"),
-        _output_buffers(p) + ((_probs_buffer(p, "probs"),) if keep_probs else ()),
-        lambda meta: _grid(p, triton.cdiv(p.head_dim, meta["BLOCK_D"]) + keep_probs,
-                           triton.cdiv(p.seq_q, meta["BLOCK_M"]), batch_heads),
-        dict(TILE_N=tile_n, **_common_constexprs(p), **_stride_constexprs(p, "V", "O"),
-             **(dict(PROBS_STRIDE=_probs_stride(p)) if keep_probs else {})))
-    return [scores, values]
+    def chunk_launches(start, heads):
+        if p.whole_rows:
+            return _whole_row_launches(p, start, heads, num_sms)
+        return _tiled_launches(p, start, heads, tile_n, keep_probs)
+    return _in_chunks(p, chunk_launches)
 
 
 FORWARD_OUTPUTS = ("out", "lse")
@@ -302,14 +392,15 @@ def _grad_buffers(p, *names):
     return tuple(Buffer(name, shapes[name], np.dtype(p.dtype)) for name in names)
 
 
-def _delta_buffer(p):
-    return Buffer("delta", (p.batch, p.num_heads, p.seq_q), np.dtype(np.float32))
+def _delta_buffer(p, heads):
+    return Buffer("delta", _heads_shape(p, heads) + (p.seq_q,), np.dtype(np.float32))
 
 
-def _delta_launch(p):
+def _delta_launch(p, start, heads):
     return Launch(
-        backward_preprocess._output_grad_dot_kernel, ("out", "dout", "dlse"), (_delta_buffer(p),),
-        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
+        backward_preprocess._output_grad_dot_kernel, ("out", "dout", "dlse", start),
+        (_delta_buffer(p, heads),),
+        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, heads),
         dict(SEQ_Q=p.seq_q, NUM_HEADS=p.num_heads, HEAD_DIM=p.head_dim,
              WIDE_INDEXING=p.wide_indexing, **_stride_constexprs(p, "O", "DO")))
 
@@ -320,7 +411,7 @@ def _flash_backward_plan(p):
                       **_stride_constexprs(p, "Q", "K", "V", "DO"))
     query_grads = Launch(
         flash_backward._flash_query_grads_kernel, ("q", "k", "v", "out", "dout", "lse", "dlse"),
-        _grad_buffers(p, "dq") + (_delta_buffer(p),),
+        _grad_buffers(p, "dq") + (_delta_buffer(p, p.batch * p.num_heads),),
         lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
         dict(metaparams, **_stride_constexprs(p, "O")))
     key_grads = Launch(
@@ -332,26 +423,28 @@ def _flash_backward_plan(p):
     return [query_grads, key_grads]
 
 
-def _probs_matmul_launch(p, a, b, out, out_scale, num_sms):
-    """out = out_scale * A'.b, where A' is `a` ("probs" or "dscores") or, for the key
-    gradients, its transpose; `out` is a Buffer. See _persistent_programs."""
+def _probs_matmul_launch(p, a, b, out, out_scale, num_sms, start, heads):
+    """out = out_scale * A'.b for the chunk of `heads` query heads from `start` on, where
+    A' is `a` ("probs" or "dscores") or, for the key gradients, its transpose; `out` is
+    a Buffer. See _persistent_programs."""
     transpose_a = out.name in ("dk", "dv")
-    rows, out_heads = (p.seq_k, p.num_kv_heads) if transpose_a else (p.seq_q, p.num_heads)
+    rows = p.seq_k if transpose_a else p.seq_q
+    out_heads = heads // (p.num_heads // p.num_kv_heads) if transpose_a else heads
     b_tensor = {"dout": "DO", "q": "Q", "k": "K", "v": "V"}[b]
     out_like = "K" if transpose_a else "Q"
     programs = 0 if transpose_a else _persistent_programs(p, num_sms)
 
     def grid(meta):
         tiles = (triton.cdiv(p.head_dim, meta["BLOCK_D"]), triton.cdiv(rows, meta["BLOCK_R"]),
-                 p.batch * out_heads)
+                 out_heads)
         if meta["PERSISTENT"] and programs:
             return (min(math.prod(tiles), programs),)
         return _grid(p, *tiles)
 
     return Launch(
-        probs_matmul._probs_matmul_kernel, (a, b), (out,), grid,
+        probs_matmul._probs_matmul_kernel, (a, b, start, _in_place(start, out)), (out,), grid,
         dict(OUT_SCALE=out_scale, TRANSPOSE_A=transpose_a, PROBS_STRIDE=_probs_stride(p),
-             BATCH=p.batch, NUM_SMS=programs, **_common_constexprs(p),
+             CHUNK_OUT_HEADS=out_heads, NUM_SMS=programs, **_common_constexprs(p),
              **_stride_constexprs(p, b_tensor, rename={b_tensor: "B"}),
              **_stride_constexprs(p, out_like, rename={out_like: "O"})))
 
@@ -373,37 +466,37 @@ def _probs_stride(p):
     return triton.cdiv(p.seq_k, 8) * 8
 
 
-def _score_grads_launches(p):
-    """dS for every visible score tile: from the forward's P where it was kept (whole
-    rows, or tiles after a delta launch); else P is recomputed and written too."""
+def _score_grads_launches(p, start, heads):
+    """dS for every visible score tile of a chunk: from the forward's P where it was
+    kept (whole rows, or tiles after a delta launch; one chunk); else P is recomputed
+    and written too."""
     constexprs = dict(PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
                       **_stride_constexprs(p, "V", "DO"))
-    dscores = (_probs_buffer(p, "dscores"),)
+    dscores = (_probs_buffer(p, "dscores", heads),)
     if p.keeps_probs and p.whole_rows:
         return [Launch(two_pass_backward._dscores_whole_rows_kernel,
                        ("v", "dout", "probs", "dlse"), dscores,
-                       lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1,
-                                          p.batch * p.num_heads),
+                       lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, heads),
                        dict(ROW_KEYS=_row_keys(p), **constexprs))]
     grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
-                              triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.batch * p.num_heads)
+                              triton.cdiv(p.seq_q, meta["BLOCK_M"]), heads)
     if p.keeps_probs:
         score_grads = Launch(two_pass_backward._dscores_from_probs_kernel,
                              ("v", "dout", "probs", "delta"), dscores, grid, constexprs)
     else:
         score_grads = Launch(two_pass_backward._score_grads_kernel,
-                             ("q", "k", "v", "dout", "lse", "delta"),
-                             (_probs_buffer(p, "probs"),) + dscores, grid,
+                             ("q", "k", "v", "dout", "lse", "delta", start),
+                             (_probs_buffer(p, "probs", heads),) + dscores, grid,
                              dict(SCALE=p.scale, **constexprs, **_stride_constexprs(p, "Q", "K")))
-    return [_delta_launch(p), score_grads]
+    return [_delta_launch(p, start, heads), score_grads]
 
 
-def _two_pass_backward_plan(p, num_sms):
+def _two_pass_backward_chunk(p, start, heads, num_sms):
     dq, dk, dv = _grad_buffers(p, "dq", "dk", "dv")
-    gemm = functools.partial(_probs_matmul_launch, p, num_sms=num_sms)
-    return _score_grads_launches(p) + [gemm("probs", "dout", dv, 1.0),
-                                       gemm("dscores", "q", dk, p.scale),
-                                       gemm("dscores", "k", dq, p.scale)]
+    gemm = functools.partial(_probs_matmul_launch, p, num_sms=num_sms, start=start, heads=heads)
+    return _score_grads_launches(p, start, heads) + [gemm("probs", "dout", dv, 1.0),
+                                                     gemm("dscores", "q", dk, p.scale),
+                                                     gemm("dscores", "k", dq, p.scale)]
 
 
 def backward_plan(p, num_sms=0):
@@ -411,4 +504,4 @@ def backward_plan(p, num_sms=0):
     num_sms as in forward_plan."""
     if p.uses_flash_kernel:
         return _flash_backward_plan(p)
-    return _two_pass_backward_plan(p, num_sms)
+    return _in_chunks(p, lambda start, heads: _two_pass_backward_chunk(p, start, heads, num_sms))

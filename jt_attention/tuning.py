@@ -39,6 +39,15 @@ SCORE_TILE_N = 256
 # holds as many registers per thread (128 at 8 warps) as the tiled kernels' 128 x 256.
 WHOLE_ROW_MAX_KEYS = 512
 
+# Head dims above 256: the two-pass launches hold score-sized buffers (the softmax P
+# and, backward, its gradient dS: plan.Problem.score_bytes_per_head). Past this many
+# bytes they run over the batch·heads in chunks (plan.Problem.head_chunks), so their
+# scratch stays within it, whatever the batch and head count. Chunks cost time (H100,
+# B4 H32 S2048 D512 forward + backward: 8.18 ms in one chunk, 8.48 in two, 8.70 in
+# eight; WORKSPACE_NOTES.md, session 11), so the budget is set where that shape, the
+# issue-4 benchmark, still runs whole.
+SCORE_SCRATCH_BYTES = 2 << 30
+
 # No config's BLOCK_M, BLOCK_N or BLOCK_R is smaller (tests/test_compile.py checks):
 # it bounds the row blocks on a grid axis (plan.Problem.wide_indexing).
 MIN_BLOCK_ROWS = 16
@@ -320,4 +329,6 @@ def autotuned(kernel, compute_capability, itemsize, block_d, persistent_grid=Fal
     Autotuner at every lowering, so a shared one would grow with every new shape.
     Compiled kernels are cached by jax-triton per JITFunction, so nothing recompiles."""
     configs = fitting_configs(kernel, compute_capability, itemsize, block_d, persistent_grid)
-    return triton.autotune(configs=configs, key=[])(kernel)
+    # The chunk's first head is the one scalar argument; jax-triton warns unless it is a key.
+    key = [name for name in ("head_start",) if name in kernel.arg_names]
+    return triton.autotune(configs=configs, key=key)(kernel)

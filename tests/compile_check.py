@@ -33,16 +33,25 @@ PROBLEMS = [("float16", 64, True, 300, 257), ("bfloat16", 256, False, 300, 257),
 H100_SMS = 132  # persistent grids are compiled for this many programs
 
 
+def _argument_type(argument, buffer_dtypes):
+    """Triton's type of a launch input or output (plan.Launch.inputs)."""
+    if isinstance(argument, int):
+        return "i32"  # a chunk's first head
+    dtype = argument.dtype if isinstance(argument, plan.Unwritten) else buffer_dtypes[argument]
+    return POINTER_TYPES[np.dtype(dtype).name]
+
+
 def compile_launch(launch, buffer_dtypes, config, compute_capability):
-    names = list(launch.inputs) + [b.name for b in launch.outputs]
+    arguments = list(launch.inputs) + [b.name for b in launch.outputs]
     constexprs = {**launch.metaparams, **config.kwargs}
     signature, attrs = {}, {}
     for i, arg in enumerate(launch.kernel.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
-        else:  # pointers, 16-byte aligned as jax-triton declares them
-            signature[arg] = POINTER_TYPES[np.dtype(buffer_dtypes[names[i]]).name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = _argument_type(arguments[i], buffer_dtypes)
+            if signature[arg].startswith("*"):  # 16-byte aligned, as jax-triton declares
+                attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", TARGETS[compute_capability], 32),
                           options={"num_warps": config.num_warps,

@@ -106,8 +106,9 @@ def test_wide_indexing_only_past_the_limits():
     assert not problem(16, 8192, 16, 128).wide_indexing
     assert problem(8193, 128, 8, 64).wide_indexing                  # batch x heads > 65535
     assert problem(64, 8192, 32, 128).wide_indexing                 # q of 2**31 elements
-    assert problem(4, 8192, 32, 512).wide_indexing                  # P of 8.6e9 elements
+    assert problem(1, 65536, 1, 512).wide_indexing                  # one head's P: 4.3e9
     assert not problem(1, 8192, 16, 512).wide_indexing              # P of 1.1e9 elements
+    assert not problem(4, 8192, 32, 512).wide_indexing              # 8.6e9, in head chunks
     for launch in plan.forward_plan(problem(8193, 128, 8, 64)):
         assert len(launch.grid({"BLOCK_M": 64, "BLOCK_N": 64})) == 1
     for launch in plan.forward_plan(problem(2, 128, 8, 64)):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jt_attention
-from jt_attention import plan
+from jt_attention import plan, tuning
 from helpers import (TOLERANCE, attention_float64, attention_grads_float64,
                      kernel_implementation, random_inputs, relative_error)
 
@@ -100,12 +100,15 @@ def test_decoding_keys_past_2_31_elements():
 
 @pytest.mark.gpu
 @gpu_only
-def test_two_pass_buffers_past_2_31_elements():
+def test_two_pass_buffers_past_2_31_elements(monkeypatch):
     """Head dim 512 (two-pass kernels): P and dS of all heads, then of one head, > 2**31."""
-    # 40 heads x 7400 x 7400: the per-head base offsets pass 2**31.
+    # 40 heads x 7400 x 7400: in chunks of heads (8.8 GB of P and dS), and in one chunk,
+    # where the per-head base offsets pass 2**31.
     q, k, v, dout = _device_inputs(1, [(1, 7400, 40, 512)] * 4)
-    out, grads = _attention_and_grads(q, k, v, dout, causal=False)
-    _check_slices(out, grads, (q, k, v, dout), False, np.s_[:, :, -1:], "last head")
+    for budget in (tuning.SCORE_SCRATCH_BYTES, 1 << 40):
+        monkeypatch.setattr(tuning, "SCORE_SCRATCH_BYTES", budget)
+        out, grads = _attention_and_grads(q, k, v, dout, causal=False)
+        _check_slices(out, grads, (q, k, v, dout), False, np.s_[:, :, -1:], f"{budget=}")
     del q, k, v, dout, out, grads
 
     # One head of 47000 x 47000 keys in fp32: row offsets inside the head pass 2**31.

@@ -13,18 +13,20 @@ from jt_attention.kernels.tiles import grid_coords, load_tile, tile_ptrs
 
 @triton.jit
 def _output_grad_dot_kernel(
-    out_ptr, dout_ptr, dlse_ptr, delta_ptr,
+    out_ptr, dout_ptr, dlse_ptr, head_start, delta_ptr,
     SEQ_Q: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dlse, fp32; programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+    """delta = rowsum(dO * O) - dlse, fp32; programs (cdiv(SEQ_Q, BLOCK_M), chunk heads),
+    for the chunk of batch·heads from head_start on (plan.Problem.head_chunks).
 
-    dlse and delta are [batch * NUM_HEADS, SEQ_Q] fp32."""
+    dlse is [batch * NUM_HEADS, SEQ_Q] fp32, delta [chunk heads, SEQ_Q] fp32."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    row_block, _, chunk_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    batch_head = head_start + chunk_head
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -44,7 +46,7 @@ def _output_grad_dot_kernel(
         delta += tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
     in_rows = offs_m < SEQ_Q
     dlse = tl.load(dlse_ptr + batch_head * SEQ_Q + offs_m, mask=in_rows, other=0.0)
-    tl.store(delta_ptr + batch_head * SEQ_Q + offs_m, delta - dlse, mask=in_rows)
+    tl.store(delta_ptr + chunk_head * SEQ_Q + offs_m, delta - dlse, mask=in_rows)
 
 
 @triton.jit

@@ -45,9 +45,10 @@ def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
 
 @triton.jit
 def _probs_matmul_kernel(
-    a_ptr, b_ptr, out_ptr,
+    a_ptr, b_ptr, head_start, out_earlier_ptr, out_ptr,
     OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BATCH: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
+    CHUNK_OUT_HEADS: tl.constexpr,
+    SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
     STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
@@ -56,14 +57,18 @@ def _probs_matmul_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
-    """out = OUT_SCALE * A' . B per batch·head, A' = A^T if TRANSPOSE_A else A.
+    """out = OUT_SCALE * A' . B per batch·head, A' = A^T if TRANSPOSE_A else A, for the
+    chunk of batch·heads from head_start on (a query head; plan.Problem.head_chunks):
+    A is the chunk's, B and out the whole problem's. out_earlier is never read: it
+    holds what earlier chunks wrote to out, which this launch updates in place.
 
-    A (P or dS) is [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE].
+    A (P or dS) is [chunk heads, SEQ_Q, PROBS_STRIDE].
     TRANSPOSE_A (dV = P^T.dO, dK = dS^T.Q): rows are keys, the reduction runs over
       the queries of every head of a KV group; B is query-shaped, out key-shaped;
-      tiles (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), BATCH * NUM_KV_HEADS).
+      tiles (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_K, BLOCK_R), CHUNK_OUT_HEADS KV heads).
     Otherwise (O = P.V, dQ = dS.K): rows are queries, the reduction runs over keys;
-      B is V or K; tiles (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R), BATCH * NUM_HEADS).
+      B is V or K; tiles (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_R),
+      CHUNK_OUT_HEADS query heads).
     PERSISTENT (a tuned choice; where the plan passes NUM_SMS = 0, the problem has no
       persistent grid and every config runs one program per tile): a grid of
       min(tiles, NUM_SMS) programs walks the tiles in one flattened loop, so the loads
@@ -71,23 +76,22 @@ def _probs_matmul_kernel(
       (the seed workload's tiles have only 8 reduction steps).
     """
     OUT_ROWS: tl.constexpr = SEQ_K if TRANSPOSE_A else SEQ_Q
-    OUT_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP if TRANSPOSE_A else NUM_HEADS
     D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     ROW_BLOCKS: tl.constexpr = (OUT_ROWS + BLOCK_R - 1) // BLOCK_R
     if not PERSISTENT or NUM_SMS == 0:
-        d_block, row_block, batch_out_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
-        _probs_matmul_tile(a_ptr, b_ptr, out_ptr, d_block, row_block, batch_out_head,
+        d_block, row_block, chunk_out_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+        _probs_matmul_tile(a_ptr, b_ptr, out_ptr, head_start, d_block, row_block, chunk_out_head,
                            OUT_SCALE, TRANSPOSE_A, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP,
                            HEAD_DIM, PROBS_STRIDE, STRIDE_BB, STRIDE_BS, STRIDE_BH, STRIDE_OB,
                            STRIDE_OS, STRIDE_OH, DOT_PRECISION, BLOCK_R, BLOCK_C, BLOCK_D)
     else:
-        NUM_TILES: tl.constexpr = D_BLOCKS * ROW_BLOCKS * BATCH * OUT_HEADS
+        NUM_TILES: tl.constexpr = D_BLOCKS * ROW_BLOCKS * CHUNK_OUT_HEADS
         for tile in tl.range(tl.program_id(0), NUM_TILES, NUM_SMS, flatten=True):
-            batch_out_head = tile // (D_BLOCKS * ROW_BLOCKS)
+            chunk_out_head = tile // (D_BLOCKS * ROW_BLOCKS)
             if WIDE_INDEXING:  # as grid_coords: base offsets past 2**31 elements
-                batch_out_head = batch_out_head.to(tl.int64)
-            _probs_matmul_tile(a_ptr, b_ptr, out_ptr, tile % D_BLOCKS,
-                               (tile // D_BLOCKS) % ROW_BLOCKS, batch_out_head,
+                chunk_out_head = chunk_out_head.to(tl.int64)
+            _probs_matmul_tile(a_ptr, b_ptr, out_ptr, head_start, tile % D_BLOCKS,
+                               (tile // D_BLOCKS) % ROW_BLOCKS, chunk_out_head,
                                OUT_SCALE, TRANSPOSE_A, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS,
                                KV_GROUP, HEAD_DIM, PROBS_STRIDE, STRIDE_BB, STRIDE_BS, STRIDE_BH,
                                STRIDE_OB, STRIDE_OS, STRIDE_OH, DOT_PRECISION, BLOCK_R, BLOCK_C,
@@ -96,7 +100,7 @@ def _probs_matmul_kernel(
 
 @triton.jit
 def _probs_matmul_tile(
-    a_ptr, b_ptr, out_ptr, d_block, row_block, batch_out_head,
+    a_ptr, b_ptr, out_ptr, head_start, d_block, row_block, chunk_out_head,
     OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
@@ -113,6 +117,7 @@ def _probs_matmul_tile(
     OUT_HEADS: tl.constexpr = NUM_HEADS // HEADS_SUMMED
     start_d = d_block * BLOCK_D
     start_r = row_block * BLOCK_R
+    batch_out_head = head_start // HEADS_SUMMED + chunk_out_head  # chunks hold whole KV groups
     batch = batch_out_head // OUT_HEADS
     out_head = batch_out_head % OUT_HEADS
     rows = start_r + tl.arange(0, BLOCK_R)
@@ -158,7 +163,7 @@ def _probs_matmul_tile(
     for group_member in range(HEADS_SUMMED):
         a_head = out_head * HEADS_SUMMED + group_member
         b_head = a_head // B_HEAD_GROUP
-        a_base = a_ptr + (batch * NUM_HEADS + a_head) * SEQ_Q * PROBS_STRIDE
+        a_base = a_ptr + (chunk_out_head * HEADS_SUMMED + group_member) * SEQ_Q * PROBS_STRIDE
         if TRANSPOSE_A:
             a_ptrs = tile_ptrs(a_base, offs_c, read_rows, PROBS_STRIDE, REDUCED)
         else:

@@ -20,7 +20,9 @@ fit for D = 1024, and recomputing the scores per D-chunk would multiply their FL
 2. `probs_matmul._probs_matmul_kernel`, three times: dV = P^T.dO, dK = scale * dS^T.Q
    and dQ = scale * dS.K.
 
-Costs 2 x Sq x Sk elements of HBM per batch·head, like the forward's P.
+Costs 2 x Sq x Sk elements of HBM per batch·head, like the forward's P, for one chunk
+of the batch·heads at a time (plan.Problem.head_chunks); dQ, dK and dV are updated in
+place chunk by chunk.
 """
 
 import triton
@@ -54,7 +56,7 @@ def _store_scores_tile(ptr, offsets, values, rows, cols, SEQ_Q: tl.constexpr,
 
 @triton.jit
 def _score_grads_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, probs_ptr, dscores_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, head_start, probs_ptr, dscores_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
@@ -66,14 +68,17 @@ def _score_grads_kernel(
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+    """programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), chunk heads), for the chunk
+    of batch·heads from head_start on (plan.Problem.head_chunks).
 
-    probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""
+    probs, dscores: [chunk heads, SEQ_Q, PROBS_STRIDE] in the input dtype.
+    lse: [batch * NUM_HEADS, SEQ_Q]; delta: [chunk heads, SEQ_Q] (fp32)."""
     KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    key_block, row_block, batch_head = grid_coords(KEY_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    key_block, row_block, chunk_head = grid_coords(KEY_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
     start_m = row_block * BLOCK_M
     start_n = key_block * BLOCK_N
+    batch_head = head_start + chunk_head
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
     kv_head = head // KV_GROUP
@@ -106,11 +111,11 @@ def _score_grads_kernel(
             v = load_tile(v_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, RAGGED_KEYS, RAGGED_DIM)
             dprobs = tl.dot(dout, tl.trans(v), dprobs, input_precision=DOT_PRECISION)
 
-        lse, delta = load_row_stats(lse_ptr + batch_head * SEQ_Q, delta_ptr + batch_head * SEQ_Q,
+        lse, delta = load_row_stats(lse_ptr + batch_head * SEQ_Q, delta_ptr + chunk_head * SEQ_Q,
                                     rows, SEQ_Q, RAGGED_ROWS)
         probs = tl.math.exp2(scores * (SCALE * 1.4426950408889634) - lse[:, None])
         probs = _visible(probs, rows, cols, SEQ_K, IS_CAUSAL, RAGGED_KEYS)
-        offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
+        offsets = tile_ptrs(chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
         _store_scores_tile(probs_ptr, offsets, probs, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
                            RAGGED_KEYS)
         _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,

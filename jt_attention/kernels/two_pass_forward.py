@@ -22,6 +22,10 @@ take another pair of launches, as one program holds a row block's whole score ro
 `_row_softmax_kernel` writes the softmax P itself, normalized, and the logsumexp;
 then O = P.V is a plain GEMM (probs_matmul). No tile statistics, no rescaling, and a
 backward pass reads P as is.
+
+Both pairs run over a chunk of the batch·heads at a time (plan.Problem.head_chunks):
+P and the tile statistics are the chunk's, and out and lse, the whole problem's, are
+updated in place, so the score-sized scratch stays within a fixed budget.
 """
 
 import triton
@@ -33,7 +37,7 @@ from jt_attention.kernels.tiles import (grid_coords, load_tile, row_step, rows_d
 
 @triton.jit
 def _score_tiles_kernel(
-    q_ptr, k_ptr, probs_ptr, tile_max_ptr, tile_sum_ptr,
+    q_ptr, k_ptr, head_start, probs_ptr, tile_max_ptr, tile_sum_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -43,16 +47,18 @@ def _score_tiles_kernel(
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """programs (NUM_TILES, cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+    """programs (NUM_TILES, cdiv(SEQ_Q, BLOCK_M), chunk heads), for the chunk of
+    batch·heads from head_start on (plan.Problem.head_chunks).
 
-    probs: [batch * NUM_HEADS, SEQ_Q, NUM_TILES * TILE_N], input dtype.
-    tile_max, tile_sum: [batch * NUM_HEADS, NUM_TILES, SEQ_Q] fp32, base 2.
+    probs: [chunk heads, SEQ_Q, NUM_TILES * TILE_N], input dtype.
+    tile_max, tile_sum: [chunk heads, NUM_TILES, SEQ_Q] fp32, base 2.
     """
     NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    tile_n, row_block, batch_head = grid_coords(NUM_TILES, ROW_BLOCKS, WIDE_INDEXING)
+    tile_n, row_block, chunk_head = grid_coords(NUM_TILES, ROW_BLOCKS, WIDE_INDEXING)
     start_m = row_block * BLOCK_M
     start_n = tile_n * TILE_N
+    batch_head = head_start + chunk_head
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
 
@@ -86,11 +92,11 @@ def _score_tiles_kernel(
         # A row can be wholly masked in this tile; its stats are never read, but keep it NaN-free.
         probs = tl.math.exp2(scores - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
         PADDED_K: tl.constexpr = NUM_TILES * TILE_N
-        probs_ptrs = tile_ptrs(probs_ptr + batch_head * SEQ_Q * PADDED_K, offs_m,
+        probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PADDED_K, offs_m,
                                offs_n, PADDED_K, SEQ_Q)
         store_tile(probs_ptrs, probs.to(probs_ptr.dtype.element_ty), offs_m, offs_n,
                    SEQ_Q, PADDED_K, RAGGED_ROWS, False)
-        stats_offset = (batch_head * NUM_TILES + tile_n) * SEQ_Q + offs_m
+        stats_offset = (chunk_head * NUM_TILES + tile_n) * SEQ_Q + offs_m
         tl.store(tile_max_ptr + stats_offset, tile_max, mask=offs_m < SEQ_Q)
         tl.store(tile_sum_ptr + stats_offset, tl.sum(probs, 1), mask=offs_m < SEQ_Q)
 
@@ -160,7 +166,8 @@ def _write_kept_probs(probs_ptrs, kept_ptrs, tile_max_ptrs, tile_sum_ptrs, row_m
 
 @triton.jit
 def _weighted_values_kernel(
-    probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr,
+    probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, head_start, out_earlier_ptr, lse_earlier_ptr,
+    out_ptr, lse_ptr,
     IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -170,11 +177,16 @@ def _weighted_values_kernel(
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+    """programs (cdiv(HEAD_DIM, BLOCK_D), cdiv(SEQ_Q, BLOCK_M), chunk heads), for the
+    chunk of batch·heads from head_start on (plan.Problem.head_chunks): the tile
+    buffers are the chunk's, out and lse the whole problem's. out_earlier and
+    lse_earlier are never read: they hold what earlier chunks wrote to out and lse,
+    which this launch updates in place (plan.Launch.in_place).
 
     BLOCK_N divides TILE_N and BLOCK_M is a multiple of BLOCK_N.
     """
-    _weighted_values(probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr, out_ptr,
+    _weighted_values(probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, head_start, out_ptr, lse_ptr,
+                     out_ptr,
                      IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP, HEAD_DIM, STRIDE_VB,
                      STRIDE_VS, STRIDE_VH, STRIDE_OB, STRIDE_OS, STRIDE_OH, DOT_PRECISION,
                      TILE_N, 0, False, WIDE_INDEXING, BLOCK_M, BLOCK_N, BLOCK_D)
@@ -199,8 +211,9 @@ def _weighted_values_keeping_probs_kernel(
     separate program: storing P from the GEMM programs' loop cost 0.2-0.5 ms of 1.4
     on the seed workload, H100, or twice the shared memory).
     kept_probs: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype, every
-    column below SEQ_K up to the causal diagonal's block (zero above the diagonal)."""
-    _weighted_values(probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr,
+    column below SEQ_K up to the causal diagonal's block (zero above the diagonal).
+    Problems that keep P run as one chunk (plan.Problem.head_chunks)."""
+    _weighted_values(probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, 0, out_ptr, lse_ptr,
                      kept_probs_ptr, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP, HEAD_DIM,
                      STRIDE_VB, STRIDE_VS, STRIDE_VH, STRIDE_OB, STRIDE_OS, STRIDE_OH,
                      DOT_PRECISION, TILE_N, PROBS_STRIDE, True, WIDE_INDEXING, BLOCK_M,
@@ -209,7 +222,7 @@ def _weighted_values_keeping_probs_kernel(
 
 @triton.jit
 def _weighted_values(
-    probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, out_ptr, lse_ptr, kept_probs_ptr,
+    probs_ptr, tile_max_ptr, tile_sum_ptr, v_ptr, head_start, out_ptr, lse_ptr, kept_probs_ptr,
     IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -226,10 +239,11 @@ def _weighted_values(
     D_BLOCKS: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
     PROGRAMS_PER_ROW_BLOCK: tl.constexpr = D_BLOCKS + 1 if KEEP_PROBS else D_BLOCKS
-    d_block, row_block, batch_head = grid_coords(PROGRAMS_PER_ROW_BLOCK, ROW_BLOCKS,
+    d_block, row_block, chunk_head = grid_coords(PROGRAMS_PER_ROW_BLOCK, ROW_BLOCKS,
                                                  WIDE_INDEXING)
     start_d = d_block * BLOCK_D
     start_m = row_block * BLOCK_M
+    batch_head = head_start + chunk_head
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
 
@@ -239,8 +253,8 @@ def _weighted_values(
     end = min(SEQ_K, start_m + BLOCK_M) if IS_CAUSAL else SEQ_K
 
     # Merge the per-tile statistics: m = max_t m_t, l = sum_t l_t * exp(m_t - m).
-    tile_max_ptrs = tile_max_ptr + batch_head * NUM_TILES * SEQ_Q + offs_m
-    tile_sum_ptrs = tile_sum_ptr + batch_head * NUM_TILES * SEQ_Q + offs_m
+    tile_max_ptrs = tile_max_ptr + chunk_head * NUM_TILES * SEQ_Q + offs_m
+    tile_sum_ptrs = tile_sum_ptr + chunk_head * NUM_TILES * SEQ_Q + offs_m
     num_tiles = (end + TILE_N - 1) // TILE_N
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for tile in range(0, num_tiles):
@@ -254,14 +268,14 @@ def _weighted_values(
                                          TILE_N, IS_CAUSAL)
         row_sum += tile_sum * tl.math.exp2(tile_max - row_max)
 
-    probs_ptrs = tile_ptrs(probs_ptr + batch_head * SEQ_Q * PADDED_K, offs_m, offs_n,
+    probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PADDED_K, offs_m, offs_n,
                            PADDED_K, SEQ_Q)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
     writes_probs = False
     if KEEP_PROBS:
         writes_probs = d_block == D_BLOCKS
     if writes_probs:
-        kept_ptrs = tile_ptrs(kept_probs_ptr + batch_head * SEQ_Q * PROBS_STRIDE, offs_m, offs_n,
+        kept_ptrs = tile_ptrs(kept_probs_ptr + chunk_head * SEQ_Q * PROBS_STRIDE, offs_m, offs_n,
                               PROBS_STRIDE, SEQ_Q)
         _write_kept_probs(probs_ptrs, kept_ptrs, tile_max_ptrs, tile_sum_ptrs, row_max,
                           1.0 / row_sum, offs_m, offs_n, end, SEQ_Q, SEQ_K, TILE_N, IS_CAUSAL,
@@ -299,7 +313,7 @@ def _weighted_values(
 
 @triton.jit
 def _row_softmax_kernel(
-    q_ptr, k_ptr, probs_ptr, lse_ptr,
+    q_ptr, k_ptr, head_start, lse_earlier_ptr, probs_ptr, lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
@@ -316,10 +330,12 @@ def _row_softmax_kernel(
     row logsumexp. A 64 x 512 fp32 tile takes the registers of the tiled launch's
     128 x 256 one.
 
-    programs (cdiv(SEQ_Q, BLOCK_M), 1, batch * NUM_HEADS).
-    probs: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE]; lse: [batch * NUM_HEADS, SEQ_Q] fp32."""
+    programs (cdiv(SEQ_Q, BLOCK_M), 1, chunk heads), for the chunk of batch·heads from
+    head_start on (plan.Problem.head_chunks; lse_earlier as in _weighted_values_kernel).
+    probs: [chunk heads, SEQ_Q, PROBS_STRIDE]; lse: [batch * NUM_HEADS, SEQ_Q] fp32."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    row_block, _, chunk_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    batch_head = head_start + chunk_head
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,7 +355,7 @@ def _row_softmax_kernel(
     row_max = tl.max(scores, 1)
     probs = tl.math.exp2(scores - row_max[:, None])
     row_sum = tl.sum(probs, 1)
-    probs_ptrs = tile_ptrs(probs_ptr + batch_head * SEQ_Q * PROBS_STRIDE, rows, cols,
+    probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols,
                            PROBS_STRIDE, SEQ_Q)
     store_tile(probs_ptrs, (probs * (1.0 / row_sum)[:, None]).to(probs_ptr.dtype.element_ty),
                rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
