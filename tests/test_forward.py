@@ -31,6 +31,7 @@ CASES = [
     (1, 33, 70, 2, 2, 256, "bfloat16", False),
     (1, 60, 50, 2, 2, 128, "float32", True),     # largest flash head dim in fp32
     (1, 45, 45, 3, 3, 24, "float32", False),
+    (3, 70, 40, 3, 3, 32, "float16", True),      # causal grid order: 8 + 1 batch·heads
     # split-KV (decoding: <= 16 queries, >= 1024 keys), then the combine kernel
     (1, 1, 1100, 8, 2, 64, "float16", False),    # 4 query heads per kv head
     (2, 5, 1500, 2, 2, 128, "bfloat16", True),

@@ -13,7 +13,8 @@ logsumexp is written back in natural-log units, matching `jax.nn`.
 import triton
 import triton.language as tl
 
-from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
+from jt_attention.kernels.tiles import (grid_coords, load_tile, longest_first_coords, row_step,
+                                        store_tile, tile_ptrs)
 
 
 @triton.jit
@@ -66,7 +67,10 @@ def _flash_forward_kernel(
 ):
     """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); lse is [batch, NUM_HEADS, SEQ_Q] fp32."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    if IS_CAUSAL:  # later row blocks see more keys
+        row_block, batch_head = longest_first_coords(ROW_BLOCKS, WIDE_INDEXING)
+    else:
+        row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
     start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
