@@ -1,9 +1,12 @@
 """Times jt_attention side by side with the attention a JAX user already has.
 
     python examples/benchmark.py --batch 32 --num_heads 32 --q_len 512 --head_dim 1024
-    python examples/benchmark.py --preset issue2 --json results.json
-    python examples/benchmark.py --preset issue3_common --dtype bfloat16
-    python examples/benchmark.py --preset issue4 --mode fwd_bwd
+    python examples/benchmark.py --preset forward --json results.json
+    python examples/benchmark.py --preset common_heads --dtype bfloat16
+    python examples/benchmark.py --preset training --mode fwd_bwd
+    python examples/benchmark.py --batch 8 --num_heads 16 --q_len 2048 --head_dim 128 \
+        --dtype bfloat16 --bias heads --window 256,0 --causal
+    python examples/benchmark.py --preset features --mode fwd_bwd --dtype bfloat16
 
 Implementations (--impls):
   jt          jt_attention.dot_product_attention (Triton kernels)
@@ -11,6 +14,16 @@ Implementations (--impls):
   cudnn       jax.nn.dot_product_attention(implementation='cudnn'), head_dim <= 256
   unfused     einsum, softmax, einsum, all in the input dtype, under jit
   torch_bmm   torch baddbmm + softmax + bmm in the input dtype (cuBLAS), if torch is there
+
+Features (each peer gets the same where it supports it, else it records the reason):
+  --bias heads|full|keys   a float32 bias of shape [1, H, Sq, Sk], [B, H, Sq, Sk] or [B, 1, 1, Sk]
+  --mask causal|random     a dense boolean mask [1, 1, Sq, Sk] (lower triangle) or [B, 1, Sq, Sk]
+  --kv_lengths half        key_value_seq_lengths: half of each row's keys are padding
+  --window L,R             local_window_size
+  --soft_cap C             logits_soft_cap (jt and unfused only)
+  --segments N             N packed documents of equal length per row (segment ids; the jax.nn
+                           peers get the equivalent dense mask)
+The preset `features` runs each feature next to its baseline (the same shape without it).
 
 --mode fwd times the forward; bwd the backward alone (jax.vjp's function, residuals
 already computed); fwd_bwd both, as a training step runs them, returning the output
@@ -48,8 +61,15 @@ flags.DEFINE_integer("head_dim", 1024, "head dim")
 flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "input dtype")
 flags.DEFINE_bool("causal", False, "causal mask (top-left aligned)")
 flags.DEFINE_list("impls", ["jt", "xla", "cudnn", "unfused", "torch_bmm"], "implementations")
-flags.DEFINE_enum("preset", None, ["issue2", "issue3_large", "issue3_common", "issue4", "decode"],
-                  "run a list of shapes instead of one")
+flags.DEFINE_enum("preset", None, ["forward", "large_heads", "common_heads", "training", "decode",
+                                   "features"], "run a list of shapes instead of one")
+flags.DEFINE_enum("bias", None, ["heads", "full", "keys"], "add a float32 bias of this shape")
+flags.DEFINE_enum("mask", None, ["causal", "random"], "add a dense boolean mask")
+flags.DEFINE_enum("kv_lengths", None, ["half"], "pad half of each row's keys")
+flags.DEFINE_list("window", None, "local_window_size as left,right")
+flags.DEFINE_float("soft_cap", None, "logits_soft_cap")
+flags.DEFINE_integer("segments", None, "packed documents per row, as segment ids")
+flags.DEFINE_list("head_dims", None, "with --preset: only the rows of these head dims")
 flags.DEFINE_enum("mode", "fwd", ["fwd", "bwd", "fwd_bwd"], "what to time")
 flags.DEFINE_integer("repeats", 7, "timed repeats; the median is reported")
 flags.DEFINE_float("min_repeat_ms", 50.0, "each repeat runs enough calls to last this long")
@@ -57,7 +77,7 @@ flags.DEFINE_string("json", None, "write the rows here")
 
 # (batch, heads, q_len, kv_len, head_dim, causal[, kv_heads])
 PRESETS = {
-    "issue2": [
+    "forward": [
         (32, 32, 512, 512, 1024, False),   # the seed workload (KernelBench L1-97)
         (16, 16, 2048, 2048, 128, False),
         (16, 16, 2048, 2048, 128, True),
@@ -66,17 +86,17 @@ PRESETS = {
         (4, 32, 2048, 2048, 512, False),
         (4, 32, 2048, 2048, 1024, False),
     ],
-    "issue3_large": [  # head dims no fused peer supports; S=8192 at a similar FLOP count
+    "large_heads": [  # head dims no fused peer supports; S=8192 at a similar FLOP count
         (32, 32, 512, 512, 1024, False),
         *[(b, h, s, s, d, c) for b, h, s in ((4, 32, 2048), (1, 16, 8192))
           for d in (512, 1024) for c in (False, True)],
     ],
-    "issue3_common": [  # head dims cuDNN supports
+    "common_heads": [  # head dims cuDNN supports
         *[(b, 16, s, s, d, c) for s, d, b in ((2048, 64, 16), (2048, 128, 16), (2048, 256, 8),
                                              (8192, 64, 4), (8192, 128, 4), (8192, 256, 2))
           for c in (False, True)],
     ],
-    "issue4": [
+    "training": [
         (32, 32, 512, 512, 1024, False),
         (16, 16, 2048, 2048, 128, False),
         (16, 16, 2048, 2048, 128, True),
@@ -94,29 +114,94 @@ PRESETS = {
     ],
 }
 
+# The feature rows: (batch, heads, q_len, kv_len, head_dim, causal, features), each
+# after the baseline it is compared with (same shape, no features; causal for the mask
+# and window rows; the packed row's baseline is the batch of separate documents).
+FEATURE_PRESET = [
+    *[row for b, d in ((8, 128), (4, 1024)) for row in (
+        (b, 16, 2048, 2048, d, False, {}),
+        (b, 16, 2048, 2048, d, False, {"bias": "heads"}),
+        (b, 16, 2048, 2048, d, False, {"soft_cap": 30.0}),
+        (b, 16, 2048, 2048, d, False, {"kv_lengths": "half"}),
+        (b, 16, 2048, 2048, d, True, {}),
+        (b, 16, 2048, 2048, d, False, {"mask": "causal"}))],
+    *[row for b, d in ((2, 128), (1, 1024)) for row in (
+        (b, 16, 8192, 8192, d, True, {}),
+        (b, 16, 8192, 8192, d, True, {"window": (256, 0)}))],
+    *[row for d in (128, 1024) for row in (
+        (8, 16, 1024, 1024, d, False, {}),
+        (1, 16, 8192, 8192, d, False, {"segments": 8}))],
+]
+
 FLOPS_PER_MODE = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # in forward FLOPs
 
 
-def _unfused(q, k, v, scale, causal):
+def feature_arrays(features, batch, heads, q_len, kv_len, key):
+    """The arrays and options of a feature spec (the --bias .. --segments flags): a dict of
+    jt_attention.dot_product_attention keywords."""
+    kwargs = {}
+    if features.get("bias"):
+        shape = {"heads": (1, heads, q_len, kv_len), "full": (batch, heads, q_len, kv_len),
+                 "keys": (batch, 1, 1, kv_len)}[features["bias"]]
+        kwargs["bias"] = jax.random.normal(key, shape, jnp.float32)
+    if features.get("mask") == "causal":
+        kwargs["mask"] = jnp.tril(jnp.ones((q_len, kv_len), bool))[None, None]
+    elif features.get("mask") == "random":
+        kwargs["mask"] = jax.random.bernoulli(key, 0.9, (batch, 1, q_len, kv_len))
+    if features.get("kv_lengths") == "half":
+        kwargs["key_value_seq_lengths"] = jnp.full((batch,), kv_len // 2, jnp.int32)
+    if features.get("window"):
+        kwargs["local_window_size"] = tuple(int(w) for w in features["window"])
+    if features.get("soft_cap"):
+        kwargs["logits_soft_cap"] = float(features["soft_cap"])
+    if features.get("segments"):
+        docs = features["segments"]
+        ids = lambda n: jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * docs // n, (batch, n))
+        kwargs["query_segment_ids"], kwargs["key_value_segment_ids"] = ids(q_len), ids(kv_len)
+    return kwargs
+
+
+def _as_jax_nn(kwargs):
+    """jt's feature keywords for jax.nn: segment ids become the equivalent dense mask; a
+    soft-cap has no equivalent (ValueError)."""
+    kwargs = dict(kwargs)
+    if "logits_soft_cap" in kwargs:
+        raise ValueError("jax.nn.dot_product_attention has no logits soft-cap")
+    if "query_segment_ids" in kwargs:
+        same = (kwargs.pop("query_segment_ids")[:, None, :, None]
+                == kwargs.pop("key_value_segment_ids")[:, None, None, :])
+        kwargs["mask"] = same & kwargs["mask"] if "mask" in kwargs else same
+    return kwargs
+
+
+def _unfused(q, k, v, scale, causal, bias=None, mask=None, query_seq_lengths=None,
+             key_value_seq_lengths=None, local_window_size=None, logits_soft_cap=None,
+             query_segment_ids=None, key_value_segment_ids=None):
     """What a careful user writes by hand: einsum, softmax, einsum, in the input dtype."""
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     logits = jnp.einsum("btnh,bsnh->bnts", q, k) * jnp.asarray(scale, q.dtype)
-    if causal:
-        logits = jnp.where(jnp.tril(jnp.ones(logits.shape[-2:], bool)), logits, -jnp.inf)
+    if bias is not None:
+        logits = logits + bias.astype(q.dtype)
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    visible = jt_attention.reference.visibility(
+        logits.shape, mask, causal, query_seq_lengths, key_value_seq_lengths,
+        local_window_size, query_segment_ids, key_value_segment_ids)
+    logits = jnp.where(visible, logits, -jnp.inf)
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
-def _jax_impls(problem):
+def _jax_impls(problem, kwargs):
     scale, causal = problem.scale, problem.is_causal
     nn = lambda impl: (lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=causal, implementation=impl))
+        q, k, v, scale=scale, is_causal=causal, implementation=impl, **_as_jax_nn(kwargs)))
     return {
         "jt": lambda q, k, v: jt_attention.dot_product_attention(
-            q, k, v, scale=scale, is_causal=causal, implementation="triton"),
+            q, k, v, scale=scale, is_causal=causal, implementation="triton", **kwargs),
         "xla": nn("xla"),
         "cudnn": nn("cudnn"),
-        "unfused": lambda q, k, v: _unfused(q, k, v, scale, causal),
+        "unfused": lambda q, k, v: _unfused(q, k, v, scale, causal, **kwargs),
     }
 
 
@@ -221,11 +306,11 @@ def _scratch_mb(jitted):
     return getattr(analysis, "temp_size_in_bytes", float("nan")) / 2**20
 
 
-def _reference(q, k, v, dout, problem, mode):
+def _reference(q, k, v, dout, problem, mode, kwargs):
     """fp32 reference of what `mode` returns: the output (fwd), the gradients (bwd), or
     both (fwd_bwd), as numpy."""
     attend = lambda q, k, v: jt_attention.attention_reference(
-        q, k, v, scale=problem.scale, is_causal=problem.is_causal)[0]
+        q, k, v, scale=problem.scale, is_causal=problem.is_causal, **kwargs)[0]
     upcast = [x.astype(jnp.float32) for x in (q, k, v, dout)]
     if mode == "fwd":
         return np.asarray(jax.jit(attend)(*upcast[:3]))
@@ -234,24 +319,31 @@ def _reference(q, k, v, dout, problem, mode):
 
 
 def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal, impls,
-                    mode):
+                    mode, features=None):
+    """Times each implementation on one shape (with `features`, a feature spec); returns
+    the rows."""
+    features = features or {}
     problem = Problem(batch, q_len, kv_len, heads, kv_heads, head_dim, np.dtype(dtype),
                       1.0 / math.sqrt(head_dim), causal)
-    keys = jax.random.split(jax.random.key(int(time.time())), 4)
+    keys = jax.random.split(jax.random.key(int(time.time())), 5)
     q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
     k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
     v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
     dout = jax.random.normal(keys[3], q.shape, dtype)
-    ref = _reference(q, k, v, dout, problem, mode)
-    jax_impls = _jax_impls(problem)
+    kwargs = feature_arrays(features, batch, heads, q_len, kv_len, keys[4])
+    ref = _reference(q, k, v, dout, problem, mode, kwargs)
+    jax_impls = _jax_impls(problem, kwargs)
     rows = []
     for name in impls:
         row = dict(impl=name, batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len,
                    kv_len=kv_len, head_dim=head_dim, dtype=str(np.dtype(dtype)), causal=causal,
-                   mode=mode, gpu=jax.devices()[0].device_kind)
+                   features=_feature_label(features), mode=mode,
+                   gpu=jax.devices()[0].device_kind)
         try:
             jitted = None
             if name == "torch_bmm":
+                if features:
+                    raise ValueError("torch_bmm runs without features")
                 run, finish, to_numpy = _torch_bmm(q, k, v, dout, problem, mode)
                 ms, out, first_call_s = _time(run, finish)
                 out = to_numpy(out)
@@ -272,9 +364,14 @@ def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, caus
     return rows
 
 
+def _feature_label(features):
+    return " ".join(f"{k}={v}" for k, v in sorted(features.items()))
+
+
 def _shape_label(row):
     return (f"B={row['batch']} H={row['heads']} Sq={row['q_len']} Sk={row['kv_len']} "
-            f"D={row['head_dim']} {row['dtype']}{' causal' if row['causal'] else ''}")
+            f"D={row['head_dim']} {row['dtype']}{' causal' if row['causal'] else ''}"
+            f"{' ' + row['features'] if row.get('features') else ''}")
 
 
 def _format(row):
@@ -290,17 +387,22 @@ def _format(row):
 def main(argv):
     del argv
     dtype = jnp.dtype(FLAGS.dtype)
-    if FLAGS.preset:
-        shapes = PRESETS[FLAGS.preset]
+    if FLAGS.preset == "features":
+        shapes = [(b, h, sq, sk, d, c, None, f) for b, h, sq, sk, d, c, f in FEATURE_PRESET]
+    elif FLAGS.preset:
+        shapes = [(*row[:6], row[6] if len(row) > 6 else None, {})
+                  for row in PRESETS[FLAGS.preset]]
     else:
         shapes = [(FLAGS.batch, FLAGS.num_heads, FLAGS.q_len, FLAGS.kv_len or FLAGS.q_len,
-                   FLAGS.head_dim, FLAGS.causal)]
+                   FLAGS.head_dim, FLAGS.causal, None, _flag_features())]
+    if FLAGS.head_dims:
+        shapes = [row for row in shapes if str(row[4]) in FLAGS.head_dims]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, mode {FLAGS.mode}")
     rows = []
-    for batch, heads, q_len, kv_len, head_dim, causal, *kv_heads in shapes:
-        kv_heads = kv_heads[0] if kv_heads else (FLAGS.num_kv_heads or heads)
+    for batch, heads, q_len, kv_len, head_dim, causal, kv_heads, features in shapes:
+        kv_heads = kv_heads or FLAGS.num_kv_heads or heads
         rows += benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal,
-                                FLAGS.impls, FLAGS.mode)
+                                FLAGS.impls, FLAGS.mode, features)
     print("\nsummary (ms; ratio = jt time / best peer time)")
     for shape_rows in _group(rows):
         peers = [r for r in shape_rows if r["impl"] != "jt" and r["ok"]]
@@ -314,11 +416,17 @@ def main(argv):
             json.dump(rows, f, indent=1)
 
 
+def _flag_features():
+    flags_given = dict(bias=FLAGS.bias, mask=FLAGS.mask, kv_lengths=FLAGS.kv_lengths,
+                       window=FLAGS.window, soft_cap=FLAGS.soft_cap, segments=FLAGS.segments)
+    return {k: v for k, v in flags_given.items() if v}
+
+
 def _group(rows):
     groups = {}
     for row in rows:
-        key = tuple(row[k] for k in ("batch", "heads", "q_len", "kv_len", "head_dim", "dtype",
-                                     "causal"))
+        key = tuple(row.get(k) for k in ("batch", "heads", "q_len", "kv_len", "head_dim", "dtype",
+                                         "causal", "features"))
         groups.setdefault(key, []).append(row)
     return list(groups.values())
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jt_attention import launch as jt_launch
-from jt_attention import plan, tuning
+from jt_attention import features, plan, tuning
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 16, "batch size")
@@ -85,8 +85,9 @@ def main(argv):
                for name, key in zip("qkv", keys)}
     print(f"device: {jax.devices()[0].device_kind}; shape {shape}, causal={FLAGS.causal}")
     launches = plan.forward_plan(problem)
-    configs = [tuning.fitting_configs(l.kernel, jt_launch.compute_capability(), problem.itemsize,
-                                      problem.block_d)[0] for l in launches]
+    buffers.update(features.no_operands())
+    configs = [tuning.fitting_configs(l.kernel, jt_launch.compute_capability(),
+                                      problem.footprint)[0] for l in launches]
     # Triton's launcher first: once jax-triton has compiled in this process, Triton's own
     # launcher failed on the H100 machine ("Could not create or locate cache dir").
     import torch

@@ -8,45 +8,70 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_batching import custom_vmap
+from jax.custom_derivatives import SymbolicZero
 
-from jt_attention.plan import Problem
+from jt_attention import features as features_lib
+from jt_attention.plan import FEATURE_INPUTS, Problem, backward_inputs
 from jt_attention.reference import attention_reference
 
 logger = logging.getLogger("jt_attention")
 
 IMPLEMENTATIONS = (None, "triton", "interpret", "xla")
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 1024
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 1024
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
-                          local_window_size=None, implementation=None, return_residual=False):
+                          local_window_size=None, implementation=None, return_residual=False,
+                          logits_soft_cap=None, query_segment_ids=None,
+                          key_value_segment_ids=None):
     """Scaled dot-product attention, a drop-in for `jax.nn.dot_product_attention`.
 
-    out = softmax(scale * query . key^T) . value, per head.
+    out = softmax(scale * query . key^T + bias, masked) . value, per head.
 
     Args:
-      query: [batch, q_len, num_heads, head_dim] (or [q_len, num_heads, head_dim]).
-      key, value: [batch, kv_len, num_kv_heads, head_dim]; num_heads must be a
+      query: [batch..., q_len, num_heads, head_dim]: one batch dim as in jax.nn, none
+        ([q_len, num_heads, head_dim]), or several (folded into one for the kernels).
+      key, value: [batch..., kv_len, num_kv_heads, head_dim]; num_heads must be a
         multiple of num_kv_heads (grouped-query attention when they differ).
-      bias, mask, query_seq_lengths, key_value_seq_lengths, local_window_size:
-        not supported yet; anything but None raises NotImplementedError.
+      bias: added to the scaled logits; up to 4 dims (with several batch dims, up to
+        3 more than their count) broadcastable to [batch, num_heads, q_len, kv_len],
+        as in jax.nn; float16, bfloat16 or float32 are read as they are (other dtypes
+        are cast to float32). Differentiable: its gradient comes back in its shape and
+        dtype, summed over the dims it broadcasts along.
+      mask: a boolean array broadcastable like `bias`; True where the key is visible.
       scale: logit scale; default 1/sqrt(head_dim).
-      is_causal: causal mask, top-left aligned when q_len != kv_len (query i sees
-        keys 0..i), as in jax.nn.
+      is_causal: query i sees keys 0..i, top-left aligned when q_len != kv_len, as in
+        jax.nn.
+      query_seq_lengths, key_value_seq_lengths: int32 [batch...]: query rows and keys
+        at or past the length are padding. Padded query rows return 0.
+      local_window_size: an int w or (left, right): query i sees keys i - left to
+        i + right (w: both sides). Alone or with is_causal.
       implementation: None (Triton kernels on a CUDA GPU, else 'xla', logged once),
         'triton', 'interpret' (the same Triton kernels in Triton's CPU interpreter;
-        needs torch) or 'xla' (pure-jnp, fp32 accumulation).
+        needs torch) or 'xla' (jt_attention.attention_reference: pure jnp, fp32).
       return_residual: also return the row logsumexp of the scaled logits,
-        [batch, q_len, num_heads] in the input dtype, as jax.nn does.
+        [batch..., q_len, num_heads] in the input dtype, as jax.nn does.
+      logits_soft_cap (keyword only, beyond jax.nn): logits become
+        cap * tanh(logits / cap) after the scale and the bias (Gemma 2's soft-cap).
+      query_segment_ids, key_value_segment_ids (keyword only, beyond jax.nn): int32
+        [batch..., q_len] and [batch..., kv_len]; a query sees a key only where their
+        ids are equal (packed sequences). Ids in runs (non-decreasing) let the kernels
+        skip blocks; any other order is still exact, but slower.
+
+    Every feature combines with every other, with grouped-query attention and with
+    q_len != kv_len. One difference from jax.nn: a query row that sees no key at all
+    (every key masked, or a padded row) returns 0, with a logsumexp of -inf and zero
+    gradients, where jax.nn returns the mean of the values. The returned logsumexp is
+    differentiable here (jax.nn stops its gradient).
 
     Supported: float16, bfloat16 and float32 (query, key and value alike); head_dim
-    16 to 1024 (kernels: a flash online-softmax kernel up to 256, 64 for float32;
+    1 to 1024 (kernels: a flash online-softmax kernel up to 256, 64 for float32;
     above, two launches that write the probabilities once, taking the batch·heads in
     chunks whose [T, S] buffers stay within 2 GiB (tuning.SCORE_SCRATCH_BYTES), and,
-    under jax.grad where kv_len <= head_dim, the softmax kept for the backward); any
-    q_len and kv_len >= 1.
+    under jax.grad where kv_len <= head_dim and no soft-cap is given, the softmax kept
+    for the backward); any q_len and kv_len >= 1.
 
     Differentiable in reverse mode (jax.grad, jax.vjp, also under jit and remat) with
     Triton backward kernels, for the output and for the returned logsumexp; the
@@ -55,15 +80,18 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     custom_vjp function"; use reverse mode. Works under jax.vmap: the mapped axis
     folds into the batch, so one launch serves the whole map.
     """
-    _reject_unsupported(bias=bias, mask=mask, query_seq_lengths=query_seq_lengths,
-                        key_value_seq_lengths=key_value_seq_lengths,
-                        local_window_size=local_window_size)
-    query, key, value, unbatched = _as_batched(query, key, value)
+    query, key, value, batch_shape = _batched(query, key, value)
     problem = _validated_problem(query, key, value, scale, is_causal, heads_major=False)
-    out, lse = _attention(query, key, value, problem, resolve_implementation(implementation))
+    features, arguments = features_lib.prepare(
+        batch_shape or (1,), problem.seq_q, problem.seq_k, problem.num_heads, bias, mask,
+        query_seq_lengths, key_value_seq_lengths, local_window_size, logits_soft_cap,
+        query_segment_ids, key_value_segment_ids)
+    problem = dataclasses.replace(problem, features=features)
+    out, lse = _attention(query, key, value, arguments, problem,
+                          resolve_implementation(implementation))
     lse = jnp.transpose(lse, (0, 2, 1)).astype(query.dtype)  # [B, T, N], as jax.nn
-    if unbatched:
-        out, lse = out[0], lse[0]
+    out = out.reshape(*batch_shape, *out.shape[1:])
+    lse = lse.reshape(*batch_shape, *lse.shape[1:])
     return (out, lse) if return_residual else out
 
 
@@ -82,15 +110,9 @@ def scaled_dot_product_attention(query, key, value, *, scale=None, is_causal=Fal
     seq_major = [jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:3] + x.shape[1:2] + x.shape[3:],
                                       x.dtype) for x in (query, key, value)]
     problem = _validated_problem(*seq_major, scale, is_causal, heads_major=True)
-    out, _ = _attention(query, key, value, problem, resolve_implementation(implementation))
+    out, _ = _attention(query, key, value, features_lib.Arguments(), problem,
+                        resolve_implementation(implementation))
     return out
-
-
-def _reject_unsupported(**arguments):
-    for name, argument in arguments.items():
-        if argument is not None:
-            raise NotImplementedError(f"jt_attention does not support {name} yet; pass "
-                                      f"{name}=None or use jax.nn.dot_product_attention")
 
 
 def _check_array(name, array):
@@ -98,16 +120,23 @@ def _check_array(name, array):
         raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got {type(array).__name__}")
 
 
-def _as_batched(query, key, value):
-    """Checks types and ranks; adds the batch dim to [seq, heads, head_dim] inputs."""
+def _batched(query, key, value):
+    """(query, key, value with one batch dim, the leading batch dims given) after checking
+    types and ranks: [seq, heads, head_dim] gains a batch of 1 (batch dims ()), and
+    several batch dims fold into one."""
     for name, array in (("query", query), ("key", key), ("value", value)):
         _check_array(name, array)
-    if not (query.ndim == key.ndim == value.ndim and query.ndim in (3, 4)):
-        raise ValueError(f"query, key and value must all be 4-D [batch, seq, heads, head_dim] "
-                         f"or all 3-D; got ndims {query.ndim}, {key.ndim}, {value.ndim}")
-    if query.ndim == 3:
-        return query[None], key[None], value[None], True
-    return query, key, value, False
+    if not (query.ndim == key.ndim == value.ndim and query.ndim >= 3):
+        raise ValueError(f"query, key and value must all be [batch..., seq, heads, head_dim] "
+                         f"(3-D or more) with the same rank; got ndims {query.ndim}, "
+                         f"{key.ndim}, {value.ndim}")
+    batch_shape = tuple(query.shape[:-3])
+    for name, array in (("key", key), ("value", value)):
+        if tuple(array.shape[:-3]) != batch_shape:
+            raise ValueError(f"{name}'s batch dims {tuple(array.shape[:-3])} must match "
+                             f"query's {batch_shape}")
+    batch = int(np.prod(batch_shape))
+    return (*(x.reshape(batch, *x.shape[-3:]) for x in (query, key, value)), batch_shape)
 
 
 def _validated_problem(query, key, value, scale, is_causal, heads_major):
@@ -120,7 +149,7 @@ def _validated_problem(query, key, value, scale, is_causal, heads_major):
     if key.shape[0] != batch or key.shape[3] != head_dim:
         raise ValueError(f"key batch and head_dim must match query's {(batch, head_dim)}; "
                          f"got query {query.shape} and key {key.shape}")
-    if num_heads % num_kv_heads:
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"{num_heads=} of query must be a multiple of {num_kv_heads=}")
     if seq_q < 1 or seq_k < 1 or batch < 1:
         raise ValueError(f"sequence lengths and batch must be >= 1; got {query.shape=}, "
@@ -161,88 +190,162 @@ def resolve_implementation(implementation):
     return "triton"
 
 
-def _reference(query, key, value, problem):
+def _reference(query, key, value, arguments, problem):
     """The XLA reference in the problem's layout; lse is [B, H, Sq] fp32."""
     if problem.heads_major:
         query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-    out, lse = attention_reference(query, key, value, scale=problem.scale,
-                                   is_causal=problem.is_causal)
+    features = problem.features
+    out, lse = attention_reference(
+        query, key, value, arguments.bias, arguments.mask, scale=problem.scale,
+        is_causal=problem.is_causal, query_seq_lengths=arguments.query_seq_lengths,
+        key_value_seq_lengths=arguments.key_value_seq_lengths,
+        local_window_size=None if features.window == (-1, -1) else features.window,
+        logits_soft_cap=features.soft_cap or None,
+        query_segment_ids=arguments.query_segment_ids,
+        key_value_segment_ids=arguments.key_value_segment_ids)
     return (jnp.swapaxes(out, 1, 2) if problem.heads_major else out), lse
 
 
-def _attention(query, key, value, problem, implementation):
+def _attention(query, key, value, arguments, problem, implementation):
     if implementation == "xla":
-        return _reference(query, key, value, problem)
-    return _kernel_attention(query, key, value, problem, implementation)
+        return _reference(query, key, value, arguments, problem)
+    features, operands = features_lib.kernel_operands(
+        problem.features, arguments, (problem.batch, problem.num_heads, problem.seq_q,
+                                      problem.seq_k))
+    problem = dataclasses.replace(problem, features=features)
+    bias, *others = operands.arrays()
+    return _kernel_attention(query, key, value, bias, tuple(others), problem, implementation)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _kernel_attention(query, key, value, problem, implementation):
-    return _kernel_forward(query, key, value, problem, implementation, for_backward=False)
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """A residual that is no array: the problem the backward runs."""
+    problem: Problem
 
 
-def _kernel_forward(query, key, value, problem, implementation, for_backward):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kernel_attention(query, key, value, bias, others, problem, implementation):
+    """(out, lse). bias: the bias or its placeholder; others: the other feature operands
+    (features.Operands, after the bias), which are not differentiable."""
+    return _kernel_forward(query, key, value, bias, others, problem, implementation,
+                           for_backward=False)
+
+
+FORWARD_INPUTS = ("q", "k", "v") + FEATURE_INPUTS
+
+
+def _kernel_forward(query, key, value, bias, others, problem, implementation, for_backward):
     """(out, lse, *kept): `kept` are the buffers a backward pass reuses (plan.kept_buffers),
     written only `for_backward`."""
     launch = functools.partial(_launch_forward, for_backward=for_backward)
-    return tuple(_foldable(launch, problem, implementation)(query, key, value))
+    return tuple(_foldable(launch, problem, implementation, FORWARD_INPUTS)(
+        query, key, value, bias, *others))
 
 
-def _launch_forward(problem, implementation, query, key, value, for_backward):
+def _launch_forward(problem, implementation, *arrays, for_backward):
+    buffers = dict(zip(FORWARD_INPUTS, arrays))
     if implementation == "triton":
         from jt_attention.launch import triton_forward
-        return triton_forward(query, key, value, problem, for_backward)
+        return triton_forward(buffers, problem, for_backward)
     from jt_attention.interpret import interpret_forward
-    return interpret_forward(query, key, value, problem, for_backward)
+    return interpret_forward(buffers, problem, for_backward)
 
 
-def _kernel_attention_fwd(query, key, value, problem, implementation):
-    out, lse, *kept = _kernel_forward(query, key, value, problem, implementation,
+def _kernel_attention_fwd(query, key, value, bias, others, problem, implementation):
+    # symbolic_zeros: the primals come wrapped, telling which are differentiated.
+    bias_grad = bias.perturbed
+    query, key, value, bias = (x.value for x in (query, key, value, bias))
+    others = tuple(x.value for x in others)
+    out, lse, *kept = _kernel_forward(query, key, value, bias, others, problem, implementation,
                                       for_backward=True)
+    backward = dataclasses.replace(problem, features=dataclasses.replace(
+        problem.features, bias_grad=bias_grad))
     # Residuals are O(B·H·S·D) and O(B·H·S): the backward recomputes the probabilities,
     # unless the forward could keep them no bigger than the output (Problem.keeps_probs).
-    return (out, lse), (query, key, value, out, lse, *kept)
+    return (out, lse), (_Static(backward), query, key, value, bias, *others, out, lse, *kept)
 
 
 def _kernel_attention_bwd(problem, implementation, residuals, cotangents):
     # The lse cotangent is zero unless the caller differentiates return_residual's
     # logsumexp; it folds into delta, so it costs one read per row.
-    dout, dlse = cotangents
+    static, *residuals = residuals
+    problem = static.problem
+    dout, dlse = (jnp.zeros(c.aval.shape, c.aval.dtype) if isinstance(c, SymbolicZero) else c
+                  for c in cotangents)
     cotangents = (dout.astype(problem.dtype), dlse.astype(jnp.float32))
-    return _foldable(_launch_backward, problem, implementation)(*residuals, *cotangents)
+    grads = _foldable(_launch_backward, problem, implementation, backward_inputs(problem))(
+        *residuals, *cotangents)
+    dq, dk, dv, *bias_grad = grads
+    return dq, dk, dv, _bias_grad(bias_grad, residuals[3]), None
+
+
+def _bias_grad(bias_grad, bias):
+    """The backward's "dbias" output (a list of one, or none) as the bias's cotangent."""
+    if not bias_grad:
+        return None
+    dbias = bias_grad[0]
+    if dbias.shape != bias.shape:  # under jax.vmap a broadcast batch dim was widened
+        dbias = dbias.sum(axis=0, keepdims=True)
+    return dbias.astype(bias.dtype)
 
 
 def _launch_backward(problem, implementation, *arrays):
     """arrays: plan.backward_inputs(problem), residuals then cotangents."""
+    buffers = dict(zip(backward_inputs(problem), arrays))
     if implementation == "triton":
         from jt_attention.launch import triton_backward
-        return triton_backward(arrays, problem)
+        return triton_backward(buffers, problem)
     from jt_attention.interpret import interpret_backward
-    return interpret_backward(arrays, problem)
+    return interpret_backward(buffers, problem)
 
 
-def _foldable(launch, problem, implementation):
-    """`launch(problem, implementation, *arrays)` as a function of the arrays that
-    works under jax.vmap.
+def _foldable(launch, problem, implementation, names):
+    """`launch(problem, implementation, *arrays)` as a function of the arrays (named by
+    `names`, as the plan names them) that works under jax.vmap.
 
-    jax-triton's kernel calls have no batching rule. Every array here has the batch
-    on axis 0, so a mapped axis folds into it: one launch over axis_size x batch
-    (arrays that are not mapped are broadcast first)."""
+    jax-triton's kernel calls have no batching rule. Every array has the batch on axis
+    0, so a mapped axis folds into it: one launch over axis_size x batch. Arrays are
+    broadcast to the whole batch first where they are not mapped, or mapped over a
+    batch dim of 1, except the feature operands that are the same for every element
+    of the map: those keep their batch dim of 1 (the kernels broadcast it). A bias
+    whose gradient is taken is always broadcast, so that each element gets its own."""
     @custom_vmap
     def call(*arrays):
         return launch(problem, implementation, *arrays)
 
     @call.def_vmap
     def fold_into_batch(axis_size, in_batched, *arrays):
-        arrays = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-                  for x, batched in zip(arrays, in_batched)]
-        folded = [x.reshape(axis_size * problem.batch, *x.shape[2:]) for x in arrays]
-        wider = dataclasses.replace(problem, batch=axis_size * problem.batch)
-        outs = _foldable(launch, wider, implementation)(*folded)
+        keep = set(FEATURE_INPUTS) - ({"bias"} if problem.features.bias_grad else set())
+        folded = [_fold(x, mapped, axis_size, problem.batch, name in keep)
+                  for x, mapped, name in zip(arrays, in_batched, names)]
+        wider = _folded_problem(problem, axis_size, dict(zip(names, folded)))
+        outs = _foldable(launch, wider, implementation, names)(*folded)
         outs = jax.tree.map(lambda y: y.reshape(axis_size, problem.batch, *y.shape[1:]), outs)
         return outs, jax.tree.map(lambda _: True, outs)
 
     return call
 
 
-_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+def _fold(x, mapped, axis_size, batch, keep_broadcast):
+    """x with the mapped axis folded into its batch (axis 0 of each element)."""
+    if not mapped and keep_broadcast and x.shape[0] == 1:
+        return x  # the same for every element of the map, and broadcast in the kernels
+    shape = x.shape[1:] if mapped else x.shape  # an element's
+    x = jnp.broadcast_to(x, (axis_size, batch, *shape[1:]))
+    return x.reshape(axis_size * batch, *shape[1:])
+
+
+def _folded_problem(problem, axis_size, arrays):
+    """`problem` for the folded arrays: a wider batch, and the feature operands' new
+    shapes."""
+    features = problem.features
+    features = dataclasses.replace(
+        features,
+        bias=tuple(arrays["bias"].shape) if features.bias else (),
+        mask=tuple(arrays["mask"].shape) if features.mask else (),
+        spans=tuple(arrays["key_spans"].shape[:2]) if features.spans else ())
+    return dataclasses.replace(problem, batch=axis_size * problem.batch, features=features)
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd, symbolic_zeros=True)

@@ -3,9 +3,10 @@
     attention = nn.MultiHeadDotProductAttention(
         num_heads=8, attention_fn=jt_attention.flax_attention.make_attention_fn(is_causal=True))
 
-Flax expresses causality as a `mask` array; jt_attention takes `is_causal` instead
-(the kernels then skip the masked blocks), so build the function with it and pass
-no mask. Masks, biases and attention dropout are not supported yet and raise.
+Flax expresses causality as a `mask` array; a mask reaches the kernels as one (and
+they skip the blocks it hides), but `is_causal` skips them without reading a mask,
+so build the function with it for causal attention. Masks and biases pass through;
+attention dropout is not supported yet and raises.
 """
 
 import functools
@@ -23,6 +24,8 @@ def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True
                                   "use deterministic=True or dropout_rate=0")
     if dtype is not None:
         query, key, value = (x.astype(dtype) for x in (query, key, value))
+    if mask is not None:  # Flax builds float masks (make_attention_mask): nonzero is visible
+        mask = mask.astype(bool)
     return dot_product_attention(query, key, value, bias, mask, is_causal=is_causal,
                                  implementation=implementation)
 

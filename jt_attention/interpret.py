@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 
-from jt_attention.plan import (Buffer, backward_inputs, backward_plan, forward_outputs,
+from jt_attention.plan import (Buffer, backward_outputs, backward_plan, forward_outputs,
                                forward_plan)
 
 INTERPRETER_SCORE_TILE_N = 32
@@ -67,6 +67,42 @@ def _widen_bf16_dot_operands():
     builder.create_dot = create_dot
 
 
+def _patch_language_once_per_launch():
+    """Triton's interpreter (3.9) patches triton.language again on every call of a
+    @triton.jit helper from a kernel (inspect.getmembers over whole modules: about
+    0.15 ms a call, half the run time of the masked kernels), though one patch per
+    module and launch is enough: the patches of helper calls are never undone. Here a
+    helper call patches only the first time its module is seen in a launch. Does
+    nothing where the interpreter has changed."""
+    from triton.runtime import interpreter
+
+    function = getattr(interpreter, "InterpretedFunction", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if (function is None or executor is None
+            or getattr(function.__call__, "patches_once", False)):
+        return
+    patched_modules = set()
+    launch = executor.__call__
+
+    def launch_once(self, *args, **kwargs):
+        patched_modules.clear()
+        return launch(self, *args, **kwargs)
+
+    def call(self, *args, **kwargs):
+        if self.fn.__module__ not in patched_modules:
+            interpreter._patch_lang(self.fn)
+            patched_modules.add(self.fn.__module__)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    call.patches_once = True
+    executor.__call__ = launch_once
+    function.__call__ = call
+
+
 def _require_interpreter():
     if not interpreter_enabled():
         raise RuntimeError("implementation='interpret' runs Triton's interpreter, which must be "
@@ -78,6 +114,7 @@ def _require_interpreter():
         raise ImportError("implementation='interpret' drives Triton's interpreter with torch "
                           "CPU tensors: pip install 'jt_attention[test]'") from err
     _widen_bf16_dot_operands()
+    _patch_language_once_per_launch()
 
 
 def _to_torch(array):
@@ -98,7 +135,10 @@ def _to_numpy(tensor, dtype):
 
 
 def _empty_poisoned(buffer):
-    """A NaN-filled output: a tile the kernels forget to write shows up in the result."""
+    """A NaN-filled output (zeros where the plan asks for them): a tile the kernels forget
+    to write shows up in the result."""
+    if buffer.zeroed:
+        return _to_torch(np.zeros(buffer.shape, dtype=buffer.dtype))
     return _to_torch(np.full(buffer.shape, np.nan, dtype=buffer.dtype))
 
 
@@ -124,32 +164,33 @@ def run_interpreted(launches, arrays, blocks=None):
     return {name: _to_numpy(t, dtypes[name]) for name, t in buffers.items()}
 
 
-def interpret_forward(q, k, v, problem, for_backward):
-    """(out, lse [B, H, Sq] fp32, *kept) from the interpreted kernels, kept being
-    plan.kept_buffers(problem) if `for_backward`, else none; works under jit."""
+def _run_in_callback(launches, inputs, names):
+    """The `names` buffers that `launches` write, from the named `inputs`, computed by
+    the interpreter inside a jax.pure_callback (so it works under jit)."""
+    written = {b.name: b for launch in launches for b in launch.outputs}
+    result_shapes = tuple(jax.ShapeDtypeStruct(written[n].shape, written[n].dtype) for n in names)
+    input_names = tuple(inputs)
+
+    def host(*arrays):
+        buffers = run_interpreted(launches, dict(zip(input_names, arrays)))
+        return tuple(buffers[name] for name in names)
+
+    return jax.pure_callback(host, result_shapes, *inputs.values(), vmap_method="sequential")
+
+
+def interpret_forward(inputs, problem, for_backward):
+    """(out, lse [B, H, Sq] fp32, *kept) from the interpreted kernels, given the named
+    inputs (q, k, v and the feature operands), kept being plan.kept_buffers(problem) if
+    `for_backward`, else none."""
     _require_interpreter()
     launches = forward_plan(problem, for_backward, score_tile_n=INTERPRETER_SCORE_TILE_N,
                             num_sms=INTERPRETER_SMS)
-    written = {b.name: b for launch in launches for b in launch.outputs}
-    names = forward_outputs(problem, for_backward)
-    result_shapes = tuple(jax.ShapeDtypeStruct(written[n].shape, written[n].dtype) for n in names)
-
-    def host(q, k, v):
-        buffers = run_interpreted(launches, {"q": q, "k": k, "v": v})
-        return tuple(buffers[name] for name in names)
-
-    return jax.pure_callback(host, result_shapes, q, k, v, vmap_method="sequential")
+    return _run_in_callback(launches, inputs, forward_outputs(problem, for_backward))
 
 
-def interpret_backward(arrays, problem):
-    """(dq, dk, dv) from the interpreted backward kernels, given the
-    plan.backward_inputs(problem) arrays; works under jit."""
+def interpret_backward(inputs, problem):
+    """plan.backward_outputs(problem) from the interpreted backward kernels, given the
+    named plan.backward_inputs(problem)."""
     _require_interpreter()
-    launches = backward_plan(problem, INTERPRETER_SMS)
-    grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays[:3])
-
-    def host(*arrays):
-        buffers = run_interpreted(launches, dict(zip(backward_inputs(problem), arrays)))
-        return buffers["dq"], buffers["dk"], buffers["dv"]
-
-    return jax.pure_callback(host, grad_shapes, *arrays, vmap_method="sequential")
+    return _run_in_callback(backward_plan(problem, INTERPRETER_SMS), inputs,
+                            backward_outputs(problem))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jt_attention import tuning
-from jt_attention.plan import backward_inputs, backward_plan, forward_outputs, forward_plan
+from jt_attention.plan import backward_outputs, backward_plan, forward_outputs, forward_plan
 
 
 @functools.cache
@@ -65,35 +65,38 @@ def _run_launches(launches, buffers, problem):
 
     previous = ()
     for launch in launches:
-        kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.itemsize,
-                                  problem.block_d, launch.has_persistent_grid)
+        kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.footprint,
+                                  launch.has_persistent_grid)
         out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]
         arguments = launch.arguments(buffers, _unwritten)
         if launch.after_previous:
             arguments = _after(arguments, previous, buffers)
+        zeroed = {"zeroed_outputs": launch.zeroed_outputs} if launch.zeroed_outputs else {}
         outputs = jax_triton.triton_call(
             *arguments,
             kernel=kernel,
             grid=launch.grid,
             input_output_aliases=_in_place_aliases(launch),
             **{_out_keyword(jax_triton.triton_call): out_types},
+            **zeroed,
             **launch.metaparams)
         previous = tuple(b.name for b in launch.outputs)
         buffers.update(zip(previous, outputs))
     return buffers
 
 
-def triton_forward(q, k, v, problem, for_backward):
-    """(out, lse [B, H, Sq] fp32, *kept) on the GPU, kept being plan.kept_buffers(problem)
-    if `for_backward`, else none; traceable, no host synchronisation."""
+def triton_forward(inputs, problem, for_backward):
+    """(out, lse [B, H, Sq] fp32, *kept) on the GPU from the named inputs (q, k, v and
+    the feature operands), kept being plan.kept_buffers(problem) if `for_backward`, else
+    none; traceable, no host synchronisation."""
     launches = forward_plan(problem, for_backward, num_sms=multiprocessor_count())
-    buffers = _run_launches(launches, {"q": q, "k": k, "v": v}, problem)
+    buffers = _run_launches(launches, dict(inputs), problem)
     return tuple(buffers[name] for name in forward_outputs(problem, for_backward))
 
 
-def triton_backward(arrays, problem):
-    """(dq, dk, dv) from the plan.backward_inputs(problem) arrays: the forward's
-    residuals and the (dout, dlse) cotangents."""
-    buffers = _run_launches(backward_plan(problem, multiprocessor_count()),
-                            dict(zip(backward_inputs(problem), arrays)), problem)
-    return buffers["dq"], buffers["dk"], buffers["dv"]
+def triton_backward(inputs, problem):
+    """plan.backward_outputs(problem) (dq, dk, dv and maybe dbias) from the named
+    plan.backward_inputs(problem): the forward's residuals and the cotangents."""
+    buffers = _run_launches(backward_plan(problem, multiprocessor_count()), dict(inputs),
+                            problem)
+    return tuple(buffers[name] for name in backward_outputs(problem))

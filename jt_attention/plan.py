@@ -13,6 +13,7 @@ import numpy as np
 import triton
 
 from jt_attention import tuning
+from jt_attention.features import Features, layout
 from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
                                   probs_matmul, split_kv_forward, two_pass_backward,
                                   two_pass_forward)
@@ -35,6 +36,7 @@ class Problem:
     scale: float
     is_causal: bool
     heads_major: bool = False  # True for the [B, H, S, D] layout
+    features: Features = Features()
 
     @property
     def itemsize(self):
@@ -43,6 +45,16 @@ class Problem:
     @property
     def block_d(self):
         return max(16, triton.next_power_of_2(self.head_dim))
+
+    @property
+    def footprint(self):
+        """What sets the kernels' shared memory besides their configs (tuning.Footprint)."""
+        features = self.features
+        score_bytes = ((np.dtype(features.bias_dtype).itemsize if features.bias else 0)
+                       + (1 if features.mask else 0))
+        masked = bool(self.is_causal or features.window != (-1, -1) or features.spans
+                      or features.segments or features.mask)
+        return tuning.Footprint(self.itemsize, self.block_d, score_bytes, masked)
 
     @property
     def uses_flash_kernel(self):
@@ -68,8 +80,11 @@ class Problem:
         Only where P is no bigger than the output (kv_len <= head_dim, as on the seed
         workload): the residuals then stay O(B·H·S·D), and the backward skips
         recomputing Q.K^T over the whole head dim (a fifth of its FLOPs; 1.0 ms of
-        7.4 on the seed workload, H100) and writing P itself."""
-        return not self.uses_flash_kernel and self.seq_k <= self.head_dim
+        7.4 on the seed workload, H100) and writing P itself. With a soft-cap the
+        backward needs the logits themselves (the cap's derivative), so it recomputes
+        them."""
+        return (not self.uses_flash_kernel and self.seq_k <= self.head_dim
+                and not self.features.soft_cap)
 
     @property
     def whole_rows(self):
@@ -152,9 +167,11 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class Buffer:
+    """An array a launch writes; `zeroed`: the launchers zero it first (atomic sums)."""
     name: str
     shape: tuple
     dtype: np.dtype
+    zeroed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +191,25 @@ class Launch:
     inputs is updated in place: earlier chunks wrote the rest of it.
     after_previous: set on every launch but the first of a plan of several chunks; the
     jax-triton launcher orders it after the previous launch, as XLA could otherwise
-    interleave the chunks and keep several chunks' scratch alive at once."""
+    interleave the chunks and keep several chunks' scratch alive at once.
+    metaparams: the constexprs offered; the launch keeps those the kernel takes."""
     kernel: triton.JITFunction
     inputs: tuple
     outputs: tuple  # of Buffer
     grid: Callable[[dict], tuple]  # metaparams (with the config's blocks) -> grid
     metaparams: dict
     after_previous: bool = False
+
+    def __post_init__(self):
+        taken = set(self.kernel.arg_names)
+        object.__setattr__(self, "metaparams",
+                           {k: v for k, v in self.metaparams.items() if k in taken})
+
+    @property
+    def zeroed_outputs(self):
+        """Indices of the outputs to zero before the launch (not those updated in place)."""
+        return tuple(i for i, b in enumerate(self.outputs)
+                     if b.zeroed and b.name not in self.inputs)
 
     @property
     def has_persistent_grid(self):
@@ -214,9 +243,45 @@ def _in_chunks(p, chunk_launches):
 
 
 def _common_constexprs(p):
+    """Sizes, the masks and score modifiers (kernels/masking.py), and code choices; each
+    launch keeps those its kernel takes."""
+    features = p.features
     return dict(IS_CAUSAL=p.is_causal, SEQ_Q=p.seq_q, SEQ_K=p.seq_k, NUM_HEADS=p.num_heads,
                 KV_GROUP=p.num_heads // p.num_kv_heads, HEAD_DIM=p.head_dim,
-                DOT_PRECISION=p.dot_precision, WIDE_INDEXING=p.wide_indexing)
+                WINDOW_LEFT=features.window[0], WINDOW_RIGHT=features.window[1],
+                SOFT_CAP=features.soft_cap, BIAS_LAYOUT=layout(features.bias),
+                MASK_LAYOUT=layout(features.mask), SEGMENTS=features.segments,
+                SPANS=layout(features.spans + (1, 1) if features.spans else ()),
+                BIAS_GRAD=bias_grad_mode(p), DOT_PRECISION=p.dot_precision,
+                WIDE_INDEXING=p.wide_indexing)
+
+
+# The feature operands (features.Operands) in the order the score kernels take them.
+SCORE_INPUTS = ("bias", "mask", "query_segments", "key_segments", "key_spans")
+FEATURE_INPUTS = SCORE_INPUTS + ("query_spans",)
+BIAS_STORE, BIAS_ACCUMULATE = 1, 2  # kernels/masking.py STORE, ACCUMULATE
+
+
+def bias_grad_mode(p):
+    """0 without a bias gradient; BIAS_STORE where the bias has every dim of the scores
+    (each element has one producer); else BIAS_ACCUMULATE, fp32 atomic sums over the
+    broadcast dims."""
+    features = p.features
+    if not features.bias_grad:
+        return 0
+    full = (p.batch, p.num_heads, p.seq_q, p.seq_k)
+    return BIAS_STORE if tuple(features.bias) == full else BIAS_ACCUMULATE
+
+
+def bias_grad_buffer(p):
+    """The "dbias" output: the bias's shape, in its dtype (or fp32 to accumulate in),
+    zeroed first, as the kernels write only the blocks that something sees. A
+    one-element placeholder without a bias gradient."""
+    mode = bias_grad_mode(p)
+    if not mode:
+        return Buffer("dbias", (1,), np.dtype(np.float32))
+    dtype = p.features.bias_dtype if mode == BIAS_STORE else np.dtype(np.float32)
+    return Buffer("dbias", tuple(p.features.bias), np.dtype(dtype), zeroed=True)
 
 
 def _grid(p, fast, middle, slow):
@@ -254,15 +319,15 @@ def _flash_plan(p):
     metaparams = dict(SCALE=p.scale, BLOCK_D=p.block_d, **_common_constexprs(p),
                       **_stride_constexprs(p, "Q", "K", "V", "O"))
     grid = lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads)
-    return [Launch(flash_forward._flash_forward_kernel, ("q", "k", "v"), _output_buffers(p),
-                   grid, metaparams)]
+    return [Launch(flash_forward._flash_forward_kernel, ("q", "k", "v") + SCORE_INPUTS,
+                   _output_buffers(p), grid, metaparams)]
 
 
 def _split_kv_plan(p):
     slice_len, slices = p.kv_slices
     batch_heads = p.batch * p.num_heads
     split = Launch(
-        split_kv_forward._split_kv_kernel, ("q", "k", "v"),
+        split_kv_forward._split_kv_kernel, ("q", "k", "v") + SCORE_INPUTS,
         (Buffer("partial_out", (batch_heads, slices, p.seq_q, p.block_d), np.dtype(np.float32)),
          Buffer("partial_lse", (batch_heads, slices, p.seq_q), np.dtype(np.float32))),
         lambda meta: _grid(p, slices, triton.cdiv(p.num_heads // p.num_kv_heads * p.seq_q,
@@ -311,7 +376,8 @@ def _whole_row_launches(p, start, heads, num_sms):
     (always written: a backward pass keeps it), then O = P.V."""
     out, lse = _output_buffers(p)
     softmax = Launch(
-        two_pass_forward._row_softmax_kernel, ("q", "k", start, _in_place(start, lse)),
+        two_pass_forward._row_softmax_kernel,
+        ("q", "k") + SCORE_INPUTS + (start, _in_place(start, lse)),
         (_probs_buffer(p, "probs", heads), lse),
         lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, heads),
         dict(SCALE=p.scale, PROBS_STRIDE=_probs_stride(p), ROW_KEYS=_row_keys(p),
@@ -323,12 +389,12 @@ def _tiled_launches(p, start, heads, tile_n, keep_probs):
     """Score tiles, then their values; keep_probs as in _two_pass_plan (one chunk)."""
     num_tiles = triton.cdiv(p.seq_k, tile_n)
     scores = Launch(
-        two_pass_forward._score_tiles_kernel, ("q", "k", start),
+        two_pass_forward._score_tiles_kernel, ("q", "k") + SCORE_INPUTS + (start,),
         _score_tile_buffers(p, tile_n, heads),
         lambda meta: _grid(p, num_tiles, triton.cdiv(p.seq_q, meta["BLOCK_M"]), heads),
         dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
              **_stride_constexprs(p, "Q", "K")))
-    tiles = ("tile_probs", "tile_max", "tile_sum", "v")
+    tiles = ("tile_probs", "tile_max", "tile_sum", "v", "key_spans")
     out, lse = _output_buffers(p)
     if keep_probs:
         kernel, inputs = two_pass_forward._weighted_values_keeping_probs_kernel, tiles
@@ -377,12 +443,17 @@ def forward_plan(p, for_backward=False, score_tile_n=tuning.SCORE_TILE_N, num_sm
     return _two_pass_plan(p, score_tile_n, for_backward and p.keeps_probs, num_sms)
 
 
-# Backward: buffers "q", "k", "v", "out", "lse" and kept_buffers(p) (forward
-# residuals), "dout" and "dlse" (cotangents) in; "dq", "dk", "dv" out, shaped and
-# typed like q, k and v.
+# Backward: buffers "q", "k", "v", the feature operands, "out", "lse" and
+# kept_buffers(p) (forward residuals), "dout" and "dlse" (cotangents) in; "dq", "dk",
+# "dv" out, shaped and typed like q, k and v, and "dbias" (bias_grad_buffer).
 
 def backward_inputs(p):
-    return ("q", "k", "v") + FORWARD_OUTPUTS + kept_buffers(p) + ("dout", "dlse")
+    return (("q", "k", "v") + FEATURE_INPUTS + FORWARD_OUTPUTS + kept_buffers(p)
+            + ("dout", "dlse"))
+
+
+def backward_outputs(p):
+    return ("dq", "dk", "dv") + (("dbias",) if bias_grad_mode(p) else ())
 
 
 def _grad_buffers(p, *names):
@@ -410,12 +481,14 @@ def _flash_backward_plan(p):
     metaparams = dict(SCALE=p.scale, BLOCK_D=p.block_d, **_common_constexprs(p),
                       **_stride_constexprs(p, "Q", "K", "V", "DO"))
     query_grads = Launch(
-        flash_backward._flash_query_grads_kernel, ("q", "k", "v", "out", "dout", "lse", "dlse"),
-        _grad_buffers(p, "dq") + (_delta_buffer(p, p.batch * p.num_heads),),
+        flash_backward._flash_query_grads_kernel,
+        ("q", "k", "v", "out", "dout", "lse", "dlse") + SCORE_INPUTS,
+        _grad_buffers(p, "dq") + (_delta_buffer(p, p.batch * p.num_heads), bias_grad_buffer(p)),
         lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
         dict(metaparams, **_stride_constexprs(p, "O")))
     key_grads = Launch(
-        flash_backward._flash_key_grads_kernel, ("q", "k", "v", "dout", "lse", "delta"),
+        flash_backward._flash_key_grads_kernel,
+        ("q", "k", "v", "dout", "lse", "delta") + FEATURE_INPUTS,
         _grad_buffers(p, "dk", "dv"),
         lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]), 1,
                            p.batch * p.num_kv_heads),
@@ -442,7 +515,8 @@ def _probs_matmul_launch(p, a, b, out, out_scale, num_sms, start, heads):
         return _grid(p, *tiles)
 
     return Launch(
-        probs_matmul._probs_matmul_kernel, (a, b, start, _in_place(start, out)), (out,), grid,
+        probs_matmul._probs_matmul_kernel,
+        (a, b, "key_spans", "query_spans", start, _in_place(start, out)), (out,), grid,
         dict(OUT_SCALE=out_scale, TRANSPOSE_A=transpose_a, PROBS_STRIDE=_probs_stride(p),
              CHUNK_OUT_HEADS=out_heads, NUM_SMS=programs, **_common_constexprs(p),
              **_stride_constexprs(p, b_tensor, rename={b_tensor: "B"}),
@@ -451,13 +525,15 @@ def _probs_matmul_launch(p, a, b, out, out_scale, num_sms, start, heads):
 
 def _persistent_programs(p, num_sms):
     """Programs of the persistent grid for O = P.V and dQ = dS.K (configs with
-    PERSISTENT), or 0 where none applies: num_sms = 0, causal problems (rows of
-    unequal length), and rows, keys or head dims that the persistent config's
+    PERSISTENT), or 0 where none applies: num_sms = 0, rows of unequal length (causal,
+    a window or spans), and rows, keys or head dims that the persistent config's
     blocks do not divide (their masked loops, flattened, took 16-48 KB more shared
     memory than the config and spilled on sm_90: WORKSPACE_NOTES.md, session 9)."""
     blocks = tuning.PERSISTENT_BLOCKS
-    plain = not p.is_causal and not (p.seq_q % blocks["BLOCK_R"] or p.seq_k % blocks["BLOCK_C"]
-                                     or p.head_dim % blocks["BLOCK_D"])
+    features = p.features
+    uniform_rows = not (p.is_causal or features.window != (-1, -1) or features.spans)
+    plain = uniform_rows and not (p.seq_q % blocks["BLOCK_R"] or p.seq_k % blocks["BLOCK_C"]
+                                  or p.head_dim % blocks["BLOCK_D"])
     return num_sms if plain else 0
 
 
@@ -472,21 +548,25 @@ def _score_grads_launches(p, start, heads):
     and written too."""
     constexprs = dict(PROBS_STRIDE=_probs_stride(p), **_common_constexprs(p),
                       **_stride_constexprs(p, "V", "DO"))
-    dscores = (_probs_buffer(p, "dscores", heads),)
+    dbias = bias_grad_buffer(p)
+    dbias_slot = _in_place(start, dbias)
+    outputs = (_probs_buffer(p, "dscores", heads), dbias)
     if p.keeps_probs and p.whole_rows:
         return [Launch(two_pass_backward._dscores_whole_rows_kernel,
-                       ("v", "dout", "probs", "dlse"), dscores,
+                       ("v", "dout", "probs", "dlse", "key_spans", dbias_slot), outputs,
                        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, heads),
                        dict(ROW_KEYS=_row_keys(p), **constexprs))]
     grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
                               triton.cdiv(p.seq_q, meta["BLOCK_M"]), heads)
     if p.keeps_probs:
         score_grads = Launch(two_pass_backward._dscores_from_probs_kernel,
-                             ("v", "dout", "probs", "delta"), dscores, grid, constexprs)
+                             ("v", "dout", "probs", "delta", "key_spans", dbias_slot), outputs,
+                             grid, constexprs)
     else:
         score_grads = Launch(two_pass_backward._score_grads_kernel,
-                             ("q", "k", "v", "dout", "lse", "delta", start),
-                             (_probs_buffer(p, "probs", heads),) + dscores, grid,
+                             ("q", "k", "v", "dout", "lse", "delta") + SCORE_INPUTS
+                             + (start, dbias_slot),
+                             (_probs_buffer(p, "probs", heads),) + outputs, grid,
                              dict(SCALE=p.scale, **constexprs, **_stride_constexprs(p, "Q", "K")))
     return [_delta_launch(p, start, heads), score_grads]
 

@@ -12,8 +12,11 @@ compiler's figure.
 
 jax-triton benchmarks the kept configs at the first execution of each jit lowering
 and keeps the fastest (GUIDE.md 3c); the autotune `key` plays no part there.
+JT_ATTENTION_AUTOTUNE=0 in the environment skips that: each launch takes its first
+fitting config (a faster first call, for tests and short jobs).
 """
 
+import os
 from typing import Callable, NamedTuple
 
 import triton
@@ -86,7 +89,8 @@ FLASH = dict(
           _config(8, 2, BLOCK_M=128, BLOCK_N=64),    # head dim 256
           _config(8, 3, BLOCK_M=128, BLOCK_N=64)],   # causal 128 at S=2048; 64 at S=8192
     small_parts=[_config(8, 2, BLOCK_M=128, BLOCK_N=64),   # head dim <= 128
-                 _config(4, 2, BLOCK_M=64, BLOCK_N=32)],   # 512-byte rows (256 fp16, 128 fp32)
+                 _config(4, 2, BLOCK_M=64, BLOCK_N=32),    # 512-byte rows (256 fp16, 128 fp32)
+                 _config(4, 2, BLOCK_M=32, BLOCK_N=32)],   # the same with a bias and a mask
 )
 SPLIT_KV = dict(  # BLOCK_M 16: the smallest tl.dot tile
     h100=[_config(4, 3, BLOCK_M=SPLIT_KV_BLOCK_M, BLOCK_N=128),   # 8 x 32 x 32768 keys
@@ -184,7 +188,8 @@ FLASH_QUERY_GRADS = dict(
     h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=64),   # head dims 64 and 128, causal or not
           _config(4, 2, BLOCK_M=64, BLOCK_N=64)],   # head dim 256
     small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=32),    # head dim <= 128
-                 _config(4, 2, BLOCK_M=32, BLOCK_N=32)],   # head dim 256, fp32
+                 _config(4, 2, BLOCK_M=32, BLOCK_N=32),    # head dim 256, fp32
+                 _config(4, 2, BLOCK_M=16, BLOCK_N=32)],   # the same with a bias and a mask
 )
 # Backward, head dim > 256.
 SCORE_GRADS = dict(
@@ -258,10 +263,53 @@ def _probs_matmul_shared_bytes(config, block_d, itemsize):
             + _fp32_staging_bytes(blocks["BLOCK_R"], blocks["BLOCK_C"], itemsize))
 
 
+class Footprint(NamedTuple):
+    """What sets a launch's shared memory besides its config (plan.Problem.footprint)."""
+    itemsize: int
+    block_d: int
+    score_bytes: int = 0   # bytes per score element of the bias and the mask
+    masked: bool = False   # causal, a window, spans, segment ids or a mask
+
+
+def _feature_slack(config, footprint):
+    """Any kernel with features: their loads and predicates took up to 2 KB more (the score
+    tiles on sm_89, Triton 3.6)."""
+    del config
+    return 2 * KIB if footprint.score_bytes or footprint.masked else 0
+
+
+def _streamed_scores_bytes(config, footprint):
+    """Flash kernels: the pipeliner stages each step's bias and mask tiles in shared
+    memory, num_stages deep (compiler's figure, sm_89 and sm_90: up to that, plus at most
+    1 KB for the spans and segment ids)."""
+    if not (footprint.score_bytes or footprint.masked):
+        return 0
+    blocks = config.kwargs
+    return (config.num_stages * blocks["BLOCK_M"] * blocks["BLOCK_N"] * footprint.score_bytes
+            + 2 * KIB)
+
+
+def _fp32_select_bytes(config, footprint):
+    """fp32 readers of P and dS: the select of the masked blocks stages one more copy of
+    the fp32 tile (compiler's figure, sm_90: 8 KB for a 64 x 32 tile)."""
+    if footprint.itemsize != 4 or not footprint.masked:
+        return 0
+    blocks = config.kwargs
+    rows = blocks.get("BLOCK_M", blocks.get("BLOCK_R"))
+    cols = blocks.get("BLOCK_N", blocks.get("BLOCK_C"))
+    return rows * cols * 4 + KIB
+
+
 class KernelTuning(NamedTuple):
     h100: list          # measured H100 winners; tried on parts with more than 99 KB
     small_parts: list   # for 99 KB parts, and wherever no h100 config fits
     shared_bytes: Callable  # (config, block_d, itemsize) -> estimated shared memory
+    feature_bytes: Callable = _feature_slack  # what the features add to it
+
+    def estimate(self, config, footprint):
+        """Estimated shared memory of `config` for a launch of this footprint."""
+        return (self.shared_bytes(config, footprint.block_d, footprint.itemsize)
+                + self.feature_bytes(config, footprint))
 
     @property
     def configs(self):
@@ -271,8 +319,12 @@ class KernelTuning(NamedTuple):
 
 
 KERNEL_TUNING = {
-    flash_forward._flash_forward_kernel: KernelTuning(**FLASH, shared_bytes=_flash_shared_bytes),
-    split_kv_forward._split_kv_kernel: KernelTuning(**SPLIT_KV, shared_bytes=_flash_shared_bytes),
+    flash_forward._flash_forward_kernel:
+        KernelTuning(**FLASH, shared_bytes=_flash_shared_bytes,
+                     feature_bytes=_streamed_scores_bytes),
+    split_kv_forward._split_kv_kernel:
+        KernelTuning(**SPLIT_KV, shared_bytes=_flash_shared_bytes,
+                     feature_bytes=_streamed_scores_bytes),
     split_kv_forward._split_kv_combine_kernel:
         KernelTuning(**SPLIT_KV_COMBINE, shared_bytes=_combine_shared_bytes),
     two_pass_forward._score_tiles_kernel:
@@ -280,15 +332,19 @@ KERNEL_TUNING = {
     two_pass_forward._row_softmax_kernel:
         KernelTuning(**ROW_SOFTMAX, shared_bytes=_whole_rows_shared_bytes),
     two_pass_forward._weighted_values_kernel:
-        KernelTuning(**WEIGHTED_VALUES, shared_bytes=_weighted_values_shared_bytes),
+        KernelTuning(**WEIGHTED_VALUES, shared_bytes=_weighted_values_shared_bytes,
+                     feature_bytes=_fp32_select_bytes),
     two_pass_forward._weighted_values_keeping_probs_kernel:
-        KernelTuning(**WEIGHTED_VALUES, shared_bytes=_weighted_values_shared_bytes),
+        KernelTuning(**WEIGHTED_VALUES, shared_bytes=_weighted_values_shared_bytes,
+                     feature_bytes=_fp32_select_bytes),
     backward_preprocess._output_grad_dot_kernel:
         KernelTuning(**OUTPUT_GRAD_DOT, shared_bytes=_output_grad_dot_shared_bytes),
     flash_backward._flash_key_grads_kernel:
-        KernelTuning(**FLASH_KEY_GRADS, shared_bytes=_key_grads_shared_bytes),
+        KernelTuning(**FLASH_KEY_GRADS, shared_bytes=_key_grads_shared_bytes,
+                     feature_bytes=_streamed_scores_bytes),
     flash_backward._flash_query_grads_kernel:
-        KernelTuning(**FLASH_QUERY_GRADS, shared_bytes=_query_grads_shared_bytes),
+        KernelTuning(**FLASH_QUERY_GRADS, shared_bytes=_query_grads_shared_bytes,
+                     feature_bytes=_streamed_scores_bytes),
     two_pass_backward._score_grads_kernel:
         KernelTuning(**SCORE_GRADS, shared_bytes=_score_grads_shared_bytes),
     two_pass_backward._dscores_from_probs_kernel:
@@ -296,12 +352,14 @@ KERNEL_TUNING = {
     two_pass_backward._dscores_whole_rows_kernel:
         KernelTuning(**DSCORES_WHOLE_ROWS, shared_bytes=_whole_rows_shared_bytes),
     probs_matmul._probs_matmul_kernel:
-        KernelTuning(**PROBS_MATMUL, shared_bytes=_probs_matmul_shared_bytes),
+        KernelTuning(**PROBS_MATMUL, shared_bytes=_probs_matmul_shared_bytes,
+                     feature_bytes=_fp32_select_bytes),
 }
 
 
-def fitting_configs(kernel, compute_capability, itemsize, block_d, persistent_grid=False):
-    """The kernel's configs for this device whose estimated shared memory fits it.
+def fitting_configs(kernel, compute_capability, footprint, persistent_grid=False):
+    """The kernel's configs for this device whose estimated shared memory fits it, for a
+    launch of this Footprint.
 
     persistent_grid: the launch runs a persistent grid for configs with PERSISTENT
     (plan: NUM_SMS > 0); without one those configs would repeat another, so they are
@@ -311,24 +369,26 @@ def fitting_configs(kernel, compute_capability, itemsize, block_d, persistent_gr
 
     def keep(config):
         return ((persistent_grid or not config.kwargs.get("PERSISTENT"))
-                and tuning.shared_bytes(config, block_d, itemsize) <= limit)
+                and tuning.estimate(config, footprint) <= limit)
 
     kept = [c for c in tuning.h100 if keep(c)] if limit > SMALLEST_SHARED_MEMORY_BYTES else []
     kept = kept or [c for c in tuning.small_parts if keep(c)]
     if not kept:
         raise ValueError(f"no config of {kernel.__name__} fits {limit} bytes of shared memory "
-                         f"({compute_capability=}, {itemsize=}, {block_d=})")
+                         f"({compute_capability=}, {footprint})")
     return kept
 
 
-def autotuned(kernel, compute_capability, itemsize, block_d, persistent_grid=False):
+def autotuned(kernel, compute_capability, footprint, persistent_grid=False):
     """`kernel` wrapped in `triton.autotune` over its configs that fit the device
     (fitting_configs).
 
     A fresh wrapper per trace, on purpose: jax-triton chains a new prune hook onto the
     Autotuner at every lowering, so a shared one would grow with every new shape.
     Compiled kernels are cached by jax-triton per JITFunction, so nothing recompiles."""
-    configs = fitting_configs(kernel, compute_capability, itemsize, block_d, persistent_grid)
+    configs = fitting_configs(kernel, compute_capability, footprint, persistent_grid)
+    if os.environ.get("JT_ATTENTION_AUTOTUNE", "1") == "0":
+        configs = configs[:1]  # no benchmarking at the first call: the first fitting config
     # The chunk's first head is the one scalar argument; jax-triton warns unless it is a key.
     key = [name for name in ("head_start",) if name in kernel.arg_names]
     return triton.autotune(configs=configs, key=key)(kernel)

@@ -5,6 +5,7 @@ prints one JSON line per compile with the compiler's shared memory, the estimate
 that tuning.py prunes by, and the device limit.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -15,22 +16,48 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from jt_attention import plan, tuning
+from jt_attention.features import Features
 from helpers import every_launch  # this script runs from tests/
 
 TARGETS = {"8.9": 89, "9.0": 90}
-POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
-# (dtype, head_dim, causal, seq_q, seq_k): each kernel, each dtype, every side of the
-# dispatch (flash, split-KV for decoding shapes, two-pass with the forward's
-# probabilities kept or recomputed).
-PROBLEMS = [("float16", 64, True, 300, 257), ("bfloat16", 256, False, 300, 257),
-            ("float32", 64, True, 300, 257), ("float16", 1024, True, 300, 257),
-            ("bfloat16", 520, False, 300, 257), ("float32", 72, False, 300, 257),
-            ("float16", 256, False, 1, 4096), ("float32", 64, True, 16, 2048),
-            ("bfloat16", 1024, False, 300, 700),  # kept, rows past the whole-row limit
-            ("float16", 264, True, 300, 300),  # recomputed probabilities (kv_len > head_dim)
-            ("float16", 1024, False, 100, 700),  # dK, dV: one query block per KV group head
-            ("bfloat16", 512, False, 256, 512)]  # persistent GEMM grids
+POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "bool": "*i1",
+                 "int32": "*i32"}
+# (dtype, head_dim, causal, seq_q, seq_k, features): each kernel, each dtype, every side
+# of the dispatch (flash, split-KV for decoding shapes, two-pass with the forward's
+# probabilities kept or recomputed), and each kernel with every feature operand at
+# once (EVERY_FEATURE), which adds their loads, predicates and bias-gradient stores.
+PROBLEMS = [("float16", 64, True, 300, 257, False), ("bfloat16", 256, False, 300, 257, True),
+            ("float32", 64, True, 300, 257, True), ("float16", 1024, True, 300, 257, True),
+            ("bfloat16", 520, False, 300, 257, False), ("float32", 72, False, 300, 257, True),
+            ("float16", 256, False, 1, 4096, True), ("float32", 64, True, 16, 2048, False),
+            ("bfloat16", 1024, False, 300, 700, True),  # kept, rows past the whole-row limit
+            ("float16", 264, True, 300, 300, True),  # recomputed P (kv_len > head_dim)
+            ("float16", 1024, False, 100, 700, False),  # dK, dV: one query block per group head
+            ("bfloat16", 512, False, 256, 512, False),  # persistent GEMM grids
+            ("float16", 128, False, 300, 257, True), ("bfloat16", 64, False, 1, 4096, False)]
+
+
+def every_feature(problem):
+    """problem with a bias (and its gradient), a mask, spans, segment ids, a window and
+    a soft-cap. No soft-cap where the forward keeps P: the cap would stop it keeping P,
+    and that path must compile with the rest."""
+    b, n, t, s = problem.batch, problem.num_heads, problem.seq_q, problem.seq_k
+    soft_cap = 0.0 if problem.seq_k <= problem.head_dim else 30.0
+    return dataclasses.replace(problem, features=Features(
+        window=(128, 64), soft_cap=soft_cap, bias=(1, n, t, s), bias_dtype=np.dtype(np.float32),
+        mask=(b, 1, t, s), segments=True, spans=(b, n), bias_grad=True))
 H100_SMS = 132  # persistent grids are compiled for this many programs
+
+
+def _buffer_dtypes(problem, launches):
+    """Every buffer's dtype: inputs, feature operands and the launches' outputs."""
+    dtypes = {name: problem.dtype for name in ("q", "k", "v", "dout")}
+    dtypes.update(dlse=np.dtype(np.float32), bias=problem.features.bias_dtype,
+                  mask=np.dtype(bool), query_segments=np.dtype(np.int32),
+                  key_segments=np.dtype(np.int32), key_spans=np.dtype(np.int32),
+                  query_spans=np.dtype(np.int32))
+    dtypes.update((b.name, b.dtype) for l in launches for b in l.outputs)
+    return dtypes
 
 
 def _argument_type(argument, buffer_dtypes):
@@ -58,24 +85,40 @@ def compile_launch(launch, buffer_dtypes, config, compute_capability):
                                    "num_stages": config.num_stages})
 
 
+def _same_code(launch, buffer_dtypes, config, compute_capability):
+    """What decides a compile: launches that differ only in their output scale (dK and
+    dV, O = P.V and dQ: same shapes, same strides) compile to the same code, once."""
+    metaparams = {k: v for k, v in launch.metaparams.items() if k != "OUT_SCALE"}
+    arguments = [x if isinstance(x, int) else buffer_dtypes.get(getattr(x, "name", x), x)
+                 for x in list(launch.inputs) + list(launch.outputs)]
+    return (launch.kernel, compute_capability, str(config), str(sorted(metaparams.items())),
+            str([np.dtype(a).name if not isinstance(a, (int, plan.Unwritten)) else str(a)
+                 for a in arguments]))
+
+
 def main():
-    for dtype, head_dim, causal, seq_q, seq_k in PROBLEMS:
+    compiled_before = set()
+    for dtype, head_dim, causal, seq_q, seq_k, features in PROBLEMS:
         problem = plan.Problem(2, seq_q, seq_k, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
+        if features:
+            problem = every_feature(problem)
         launches = every_launch(problem, H100_SMS)
-        buffer_dtypes = {name: problem.dtype for name in ("q", "k", "v", "dout")}
-        buffer_dtypes["dlse"] = np.dtype(np.float32)
-        buffer_dtypes.update((b.name, b.dtype) for l in launches for b in l.outputs)
+        buffer_dtypes = _buffer_dtypes(problem, launches)
         for cc in TARGETS:
             for launch in launches:
-                estimate = tuning.KERNEL_TUNING[launch.kernel].shared_bytes
-                for config in tuning.fitting_configs(launch.kernel, cc, problem.itemsize,
-                                                     problem.block_d,
+                estimate = tuning.KERNEL_TUNING[launch.kernel].estimate
+                for config in tuning.fitting_configs(launch.kernel, cc, problem.footprint,
                                                      launch.has_persistent_grid):
+                    key = _same_code(launch, buffer_dtypes, config, cc)
+                    if key in compiled_before:
+                        continue
+                    compiled_before.add(key)
                     compiled = compile_launch(launch, buffer_dtypes, config, cc)
                     print(json.dumps(dict(
                         kernel=launch.kernel.fn.__name__, dtype=dtype, head_dim=head_dim,
+                        features=features,
                         target=cc, config=str(config), shared=compiled.metadata.shared,
-                        estimate=estimate(config, problem.block_d, problem.itemsize),
+                        estimate=estimate(config, problem.footprint),
                         limit=tuning.shared_memory_limit(cc),
                         tensor_cores=("wgmma" if "wgmma" in compiled.asm["ptx"] else
                                       "mma" if "mma.sync" in compiled.asm["ptx"] else "none"))),

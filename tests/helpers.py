@@ -1,9 +1,13 @@
 """Float64 reference and input helpers for the tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jt_attention import plan
+
+import jt_attention
+from jt_attention import features, plan
 from jt_attention.interpret import interpreter_enabled
+from jt_attention.reference import attention_reference
 
 # ||out - ref|| / ||ref|| bounds: about 5x the errors measured (GUIDE.md 5).
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
@@ -39,60 +43,114 @@ def random_inputs(batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype)
     return [rng.standard_normal(s).astype(DTYPES[dtype]) for s in shapes], seed
 
 
-def attention_float64(q, k, v, scale, is_causal):
-    """[B, T, N, H] inputs -> (out [B, T, N, H], lse [B, T, N]) in float64."""
-    group = q.shape[2] // k.shape[2]
-    q = q.astype(np.float64)
-    k = np.repeat(k.astype(np.float64), group, axis=2)
-    v = np.repeat(v.astype(np.float64), group, axis=2)
-    logits = np.einsum("btnh,bsnh->bnts", q, k, optimize=True) * scale
-    if is_causal:
-        logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
-    row_max = logits.max(-1, keepdims=True)
-    probs = np.exp(logits - row_max)
-    row_sum = probs.sum(-1, keepdims=True)
-    out = np.einsum("bnts,bsnh->btnh", probs / row_sum, v, optimize=True)
-    lse = (np.log(row_sum) + row_max)[..., 0].transpose(0, 2, 1)
-    return out, lse
+def _float64(x):
+    return None if x is None else jnp.asarray(np.asarray(x, np.float64))
+
+
+def _reference64(q, k, v, scale, is_causal, bias=None, **options):
+    """jt_attention.attention_reference run in float64: (out, lse [B, T, N]) as a jitted
+    function of (q, k, v, bias), for jax.vjp (one compile, where op-by-op dispatch
+    compiled each of the reference's ops)."""
+    options = {name: _int_or_bool(x) for name, x in options.items()}
+
+    @jax.jit
+    def attend(q, k, v, bias):
+        out, lse = attention_reference(q, k, v, bias, scale=scale, is_causal=is_causal,
+                                       **options)
+        return out, jnp.swapaxes(lse, 1, 2)
+    return attend, (_float64(q), _float64(k), _float64(v), _float64(bias))
+
+
+def _int_or_bool(x):
+    """Array features as jax arrays (closed over by a jitted function); options as given."""
+    return jnp.asarray(x) if isinstance(x, np.ndarray) else x
+
+
+def attention_float64(q, k, v, scale, is_causal, **options):
+    """[B, T, N, H] inputs and any features (attention_reference's keywords, bias too) ->
+    (out [B, T, N, H], lse [B, T, N]) in float64, from the package's one reference."""
+    with jax.enable_x64(True):
+        attend, args = _reference64(q, k, v, scale, is_causal, **options)
+        return tuple(np.asarray(x) for x in attend(*args))
+
+
+def attention_grads_float64(q, k, v, dout, scale, is_causal, dlse=None, **options):
+    """Gradients (dq, dk, dv) of <out, dout> + <lse, dlse> in float64, by jax.vjp of the
+    reference run in float64; (dq, dk, dv, dbias) where a bias is given."""
+    with jax.enable_x64(True):
+        attend, args = _reference64(q, k, v, scale, is_causal, **options)
+        out, vjp = jax.vjp(attend, *args)
+        dlse = jnp.zeros(out[1].shape, jnp.float64) if dlse is None else _float64(dlse)
+        grads = vjp((_float64(dout), dlse))
+        return tuple(np.asarray(g) for g in grads if g is not None)
 
 
 def relative_error(out, ref):
+    """||out - ref|| / ||ref||, or ||out|| where ref is all zeros."""
     out = np.asarray(out).astype(np.float64)
     assert np.isfinite(out).all(), "output has NaN or Inf"
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    return float(np.linalg.norm(out - ref) / (np.linalg.norm(ref) or 1.0))
 
 
 def gradient_error(grad, want):
-    """Relative error; absolute where the true gradient is zero (dq and dk with one key)."""
-    if not np.any(want):
+    """Relative error; the root mean square where the true gradient is zero but for
+    rounding (dq and dk with one key, a bias that is constant along a row)."""
+    want = np.asarray(want)
+    if np.linalg.norm(want) <= 1e-9 * np.sqrt(want.size):
         grad = np.asarray(grad).astype(np.float64)
         assert np.isfinite(grad).all(), "gradient has NaN or Inf"
-        return float(np.abs(grad).max())
+        return float(np.sqrt(np.mean(grad ** 2)))
     return relative_error(grad, want)
 
 
-def attention_grads_float64(q, k, v, dout, scale, is_causal, dlse=None):
-    """Gradients (dq, dk, dv) of <out, dout> + <lse, dlse> in float64, by the closed form.
+def plain_operands():
+    """The feature operands of a call with no masks or score modifiers, by plan name."""
+    return {name: np.asarray(x) for name, x in features.no_operands().items()}
 
-    dP = dO.V^T, dS = P * (dP - rowsum(P * dP) + dlse); dq = scale dS.K,
-    dk = scale dS^T.Q, dv = P^T.dO, summed over the query heads of a KV group."""
-    batch, seq_q, heads, _ = q.shape
-    group = heads // k.shape[2]
-    q, dout = q.astype(np.float64), dout.astype(np.float64)
-    k = np.repeat(k.astype(np.float64), group, axis=2)
-    v = np.repeat(v.astype(np.float64), group, axis=2)
-    logits = np.einsum("btnh,bsnh->bnts", q, k, optimize=True) * scale
-    if is_causal:
-        logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    dprobs = np.einsum("btnh,bsnh->bnts", dout, v, optimize=True)
-    row_term = (probs * dprobs).sum(-1, keepdims=True)
-    if dlse is not None:  # [B, T, N]
-        row_term -= dlse.astype(np.float64).transpose(0, 2, 1)[..., None]
-    dscores = probs * (dprobs - row_term)
-    dq = scale * np.einsum("bnts,bsnh->btnh", dscores, k, optimize=True)
-    dk = scale * np.einsum("bnts,btnh->bsnh", dscores, q, optimize=True)
-    dv = np.einsum("bnts,btnh->bsnh", probs, dout, optimize=True)
-    fold = lambda x: x.reshape(x.shape[0], x.shape[1], -1, group, x.shape[3]).sum(3)
-    return dq, fold(dk), fold(dv)
+
+def check_against_float64(shape, implementation, seed_note="", with_grads=True, **kwargs):
+    """One call of jt_attention.dot_product_attention (jitted) with the keyword arguments
+    `kwargs` on fresh random inputs of `shape` (batch, seq_q, seq_k, heads, kv_heads,
+    head_dim, dtype): output, logsumexp and gradients (q, k, v and a bias if given)
+    against float64. Rows that see no key must give 0 and lse -inf."""
+    batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype = shape
+    (q, k, v), seed = random_inputs(batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype)
+    where = f"{seed=} {seed_note}"
+    bias = kwargs.pop("bias", None)
+    scale = kwargs.pop("scale", None) or 1 / np.sqrt(head_dim)
+    is_causal = kwargs.pop("is_causal", False)
+
+    @jax.jit
+    def attend(q, k, v, bias):
+        return jt_attention.dot_product_attention(
+            q, k, v, bias, scale=scale, is_causal=is_causal, implementation=implementation,
+            return_residual=True, **kwargs)
+
+    (out, lse), vjp = jax.vjp(attend, q, k, v, bias)
+    want_out, want_lse = attention_float64(q, k, v, scale, is_causal, bias=bias, **kwargs)
+    tolerance = TOLERANCE[dtype]
+    # the bias gradient is rounded to the bias's dtype
+    bias_tolerance = tolerance if bias is None else max(tolerance,
+                                                        TOLERANCE[np.dtype(bias.dtype).name])
+    assert out.shape == q.shape and out.dtype == q.dtype, where
+    assert relative_error(out, want_out) < tolerance, f"out {where}"
+    seen = np.isfinite(want_lse)
+    lse = np.asarray(lse, np.float64)
+    assert np.all(lse[~seen] == -np.inf), f"lse of rows that see no key {where}"
+    np.testing.assert_allclose(lse[seen], want_lse[seen], rtol=2 * tolerance, atol=2e-2,
+                               err_msg=where)
+    assert np.all(np.asarray(out)[~seen] == 0), f"rows that see no key must be 0 {where}"
+    if not with_grads:
+        return
+    dout = np.random.default_rng(seed).standard_normal(q.shape).astype(DTYPES[dtype])
+    grads = vjp((jnp.asarray(dout), jnp.zeros_like(lse, dtype=q.dtype)))
+    wanted = attention_grads_float64(q, k, v, dout, scale, is_causal, bias=bias, **kwargs)
+    for name, grad, want, x in zip(("dq", "dk", "dv", "dbias"), grads, wanted, (q, k, v, bias)):
+        assert grad.shape == x.shape and grad.dtype == x.dtype, f"{name} {where}"
+        if name == "dbias" and x.shape[-1] == 1:
+            # The same bias for every key of a row: the softmax does not see it, so its
+            # gradient is 0 but for rounding, which grows with the terms summed.
+            assert np.abs(np.asarray(grad, np.float64)).max() < 50 * tolerance, where
+            continue
+        limit = bias_tolerance if name == "dbias" else tolerance
+        assert gradient_error(grad, want) < limit, f"{name} {where}"

@@ -16,7 +16,7 @@ import jt_attention
 from jt_attention import interpret, plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
                      every_launch, gradient_error, kernel_implementation, launch_path,
-                     random_inputs, relative_error)
+                     plain_operands, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -189,10 +189,10 @@ def test_gpu_block_sizes_in_interpreter(head_dim, causal, seq_k):
     problem = plan.Problem(1, 150, seq_k, 2, 1, head_dim, np.dtype(np.float16),
                            1 / np.sqrt(head_dim), causal)
     launches = plan.forward_plan(problem, for_backward=True) + plan.backward_plan(problem)
-    inputs = {"q": q, "k": k, "v": v, "dout": dout,
+    inputs = {"q": q, "k": k, "v": v, "dout": dout, **plain_operands(),
               "dlse": np.zeros((1, 2, 150), np.float32)}
     expected = attention_grads_float64(q, k, v, dout, problem.scale, causal)
-    per_kernel = [tuning.fitting_configs(l.kernel, "9.0", 2, problem.block_d) for l in launches]
+    per_kernel = [tuning.fitting_configs(l.kernel, "9.0", problem.footprint) for l in launches]
     for i in range(max(map(len, per_kernel))):
         blocks = {l.kernel.fn.__name__: configs[min(i, len(configs) - 1)].kwargs
                   for l, configs in zip(launches, per_kernel)}
@@ -253,8 +253,7 @@ def test_every_config_on_gpu(monkeypatch, head_dim, dtype, causal, seq_q, seq_k)
     fitting = tuning.fitting_configs
     from jt_attention import launch  # the SM count that the GPU path plans with
 
-    per_kernel = {l.kernel: fitting(l.kernel, "9.0", problem.itemsize, problem.block_d,
-                                    l.has_persistent_grid)
+    per_kernel = {l.kernel: fitting(l.kernel, "9.0", problem.footprint, l.has_persistent_grid)
                   for l in every_launch(problem, launch.multiprocessor_count())}
     attend = lambda q, k, v: jt_attention.dot_product_attention(q, k, v, is_causal=causal)
     for i in range(max(map(len, per_kernel.values()))):

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from jt_attention import plan, tuning
+from compile_check import every_feature
 from helpers import every_launch
 
 
@@ -70,24 +71,30 @@ def test_tensor_cores_used(compiled):
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256, 512, 1024])
 @pytest.mark.parametrize("seq_q,seq_k", [(100, 100), (1, 4096)])
-def test_every_problem_keeps_a_config(compute_capability, itemsize, head_dim, seq_q, seq_k):
+@pytest.mark.parametrize("features", [False, True])
+def test_every_problem_keeps_a_config(compute_capability, itemsize, head_dim, seq_q, seq_k,
+                                      features):
     problem = plan.Problem(1, seq_q, seq_k, 2, 2, head_dim,
                            {2: "float16", 4: "float32"}[itemsize], 0.1, False)
+    if features:
+        problem = every_feature(problem)
     for launch in every_launch(problem):
-        assert tuning.fitting_configs(launch.kernel, compute_capability, itemsize,
-                                      problem.block_d)
+        assert tuning.fitting_configs(launch.kernel, compute_capability, problem.footprint)
 
 
 def test_every_config_is_kept_somewhere():
     """No dead config: each fits at least one supported device for some problem."""
     kept = collections.defaultdict(set)
-    for cc, itemsize, head_dim, seq_q, seq_k in itertools.product(
-            ("8.9", "9.0"), (2, 4), (16, 64, 128, 256, 1024), (1, 100, 256), (4096, 600, 512)):
+    for cc, itemsize, head_dim, seq_q, seq_k, features in itertools.product(
+            ("8.9", "9.0"), (2, 4), (16, 64, 128, 256, 1024), (1, 100, 256), (4096, 600, 512),
+            (False, True)):
         problem = plan.Problem(1, seq_q, seq_k, 2, 2, head_dim,
                                {2: "float16", 4: "float32"}[itemsize], 0.1, False)
+        if features:
+            problem = every_feature(problem)
         for launch in every_launch(problem, num_sms=132):
             kept[launch.kernel].update(map(str, tuning.fitting_configs(
-                launch.kernel, cc, itemsize, problem.block_d, launch.has_persistent_grid)))
+                launch.kernel, cc, problem.footprint, launch.has_persistent_grid)))
     for kernel, kernel_tuning in tuning.KERNEL_TUNING.items():
         assert kept[kernel] == set(map(str, kernel_tuning.configs)), kernel.fn.__name__
 

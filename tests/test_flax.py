@@ -26,12 +26,27 @@ def test_multi_head_attention_matches_flax_default():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_dropout_and_mask_raise():
+def test_padding_mask_matches_flax_default():
+    """A Flax padding mask reaches the kernels as a mask."""
+    x = np.random.default_rng().standard_normal((2, 13, 32)).astype(np.float32)
+    mask = flax_linen.make_attention_mask(np.arange(13)[None] < np.array([[13], [6]]),
+                                          np.arange(13)[None] < np.array([[13], [6]]))
+    module = lambda **kw: flax_linen.MultiHeadDotProductAttention(num_heads=2, **kw)
+    params = module().init(jax.random.key(0), x)
+    with jax.default_matmul_precision("highest"):
+        expected = module().apply(params, x, mask=mask)
+        got = module(attention_fn=make_attention_fn(implementation=kernel_implementation())
+                     ).apply(params, x, mask=mask)
+    # Flax's padded query rows see no key: jt_attention returns 0 there (its one
+    # difference from jax.nn), Flax the mean of the values.
+    rows = np.arange(13)[None, :, None] < np.array([13, 6])[:, None, None]
+    np.testing.assert_allclose(np.where(rows, got, 0), np.where(rows, expected, 0), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_dropout_raises():
     x = np.ones((1, 4, 16), np.float32)
     attention = flax_linen.MultiHeadDotProductAttention(
         num_heads=2, dropout_rate=0.1, deterministic=False, attention_fn=make_attention_fn())
     with pytest.raises(NotImplementedError, match="dropout"):
         attention.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
-    masked = flax_linen.MultiHeadDotProductAttention(num_heads=2, attention_fn=make_attention_fn())
-    with pytest.raises(NotImplementedError, match="mask"):
-        masked.init(jax.random.key(0), x, mask=np.ones((1, 2, 4, 4), bool))

@@ -15,7 +15,7 @@ import pytest
 import jt_attention
 from jt_attention import interpret, plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, kernel_implementation,
-                     launch_path, random_inputs, relative_error)
+                     launch_path, plain_operands, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -123,11 +123,12 @@ def test_gpu_block_sizes_in_interpreter(head_dim, causal, seq_q, seq_k):
                            1 / np.sqrt(head_dim), causal)
     launches = plan.forward_plan(problem)
     ref, _ = attention_float64(q, k, v, problem.scale, causal)
-    per_kernel = [tuning.fitting_configs(l.kernel, "9.0", 2, problem.block_d) for l in launches]
+    per_kernel = [tuning.fitting_configs(l.kernel, "9.0", problem.footprint) for l in launches]
     for i in range(max(map(len, per_kernel))):  # each config of each launch at least once
         blocks = {l.kernel.fn.__name__: configs[min(i, len(configs) - 1)].kwargs
                   for l, configs in zip(launches, per_kernel)}
-        out = interpret.run_interpreted(launches, {"q": q, "k": k, "v": v}, blocks)["out"]
+        out = interpret.run_interpreted(launches, {"q": q, "k": k, "v": v, **plain_operands()},
+                                        blocks)["out"]
         assert relative_error(out, ref) < TOLERANCE["float16"], f"{seed=} {blocks=}"
 
 

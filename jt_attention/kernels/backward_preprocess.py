@@ -8,6 +8,7 @@ logsumexp when the caller differentiates it too (d lse_i / d S_ij = P_ij).
 import triton
 import triton.language as tl
 
+from jt_attention.kernels import masking
 from jt_attention.kernels.tiles import grid_coords, load_tile, tile_ptrs
 
 
@@ -63,7 +64,8 @@ def load_rows(ptr, rows, SEQ_Q: tl.constexpr, RAGGED_ROWS: tl.constexpr, PAD: tl
 def load_row_stats(lse_ptr, delta_ptr, rows, SEQ_Q: tl.constexpr, RAGGED_ROWS: tl.constexpr):
     """(lse in base 2, delta) of `rows` of one batch·head.
 
-    Rows past SEQ_Q get lse = +inf, so their probabilities exp2(s - lse) are exactly 0."""
+    Rows past SEQ_Q, and rows that saw no key, get lse = +inf (masking.backward_lse),
+    so their probabilities exp2(s - lse) are exactly 0."""
     lse = load_rows(lse_ptr, rows, SEQ_Q, RAGGED_ROWS, float("inf"))
     delta = load_rows(delta_ptr, rows, SEQ_Q, RAGGED_ROWS, 0.0)
-    return lse * 1.4426950408889634, delta  # log2(e)
+    return masking.backward_lse(lse), delta

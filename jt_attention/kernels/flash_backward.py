@@ -1,7 +1,8 @@
 """Flash-attention backward for head dims up to 256 (FlashAttention-2, section 3.2).
 
 The probabilities are recomputed per block from Q, K and the forward's row
-logsumexp, so no Sq x Sk array reaches HBM. Two kernels, neither with atomics:
+logsumexp, so no Sq x Sk array reaches HBM. Two kernels, neither with atomics on
+Q, K or V:
 
 - `_flash_key_grads_kernel`: one program per (BLOCK_N keys, batch·kv head) keeps
   dK and dV for its keys in registers and streams the query blocks of every query
@@ -9,29 +10,38 @@ logsumexp, so no Sq x Sk array reaches HBM. Two kernels, neither with atomics:
 - `_flash_query_grads_kernel`: one program per (BLOCK_M queries, batch·head) keeps
   dQ and streams the key blocks, like the forward. It runs first and also writes
   delta = rowsum(dO * O) - dlse for its rows (it holds those dO rows anyway), which
-  saves the separate preprocess launch (0.1 ms at B=16 H=16 S=2048 D=128).
+  saves the separate preprocess launch (0.1 ms at B=16 H=16 S=2048 D=128), and the
+  bias gradient, as it visits each score element of a head once.
 
 That recomputes Q.K^T and dO.V^T in both (7 matmuls where 5 are needed) and buys
-freedom from atomics and a deterministic result. Base-2 scores, as in the forward.
+a deterministic dQ, dK and dV. Base-2 scores, as in the forward; the blocks walked
+and the element predicate come from masking.py, as there. With a soft-cap, the
+score gradient dS (with respect to the capped logits) is multiplied by the cap's
+derivative before it reaches dQ, dK and the bias.
 """
 
 import triton
 import triton.language as tl
 
+from jt_attention.kernels import masking
 from jt_attention.kernels.backward_preprocess import load_row_stats, load_rows
 from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
 
 
 @triton.jit
 def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m, offs_m,
-                    keys, offs_d, SEQ_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, STRIDE_QS: tl.constexpr, STRIDE_DOS: tl.constexpr,
-                    QK_SCALE: tl.constexpr, MASKED: tl.constexpr, RAGGED_ROWS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    keys, offs_d, spans, q_segments_base, key_segments_base, mask_base, bias_base,
+                    SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
+                    MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                    WINDOW_RIGHT: tl.constexpr, NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr,
+                    SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    STRIDE_QS: tl.constexpr, STRIDE_DOS: tl.constexpr, MASKED: tl.constexpr,
+                    RAGGED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dV += P^T . dO and dK += dS^T . Q for queries [start_m, start_m + BLOCK_M).
 
     Works on transposed tiles ([keys, queries]) so no tile needs a transpose of a
-    product. MASKED applies the causal mask (key j reaches query i iff j <= i);
+    product. MASKED applies masking.visible (with the queries' key spans `spans`);
     RAGGED_ROWS bounds the query loads (SEQ_Q is not a multiple of BLOCK_M)."""
     rows = start_m + offs_m
     q = load_tile(q_ptrs + row_step(start_m, STRIDE_QS, SEQ_Q), rows, offs_d, SEQ_Q,
@@ -39,19 +49,28 @@ def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m
     dout = load_tile(dout_ptrs + row_step(start_m, STRIDE_DOS, SEQ_Q), rows, offs_d, SEQ_Q,
                      HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
     lse, delta = load_row_stats(lse_ptr, delta_ptr, rows, SEQ_Q, RAGGED_ROWS)
-    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * QK_SCALE
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    scores_t, cap_grad_t = masking.logits(qk_t, bias_base, rows[None, :], keys[:, None], SCALE,
+                                          SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
     probs_t = tl.math.exp2(scores_t - lse[None, :])
     if MASKED:
-        probs_t = tl.where(keys[:, None] <= rows[None, :], probs_t, 0.0)
+        lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                   WINDOW_RIGHT, SPANS)
+        q_segment = masking.segment_ids(q_segments_base, 0, rows, SEQ_Q, SEGMENTS)
+        keep = masking.visible(rows[None, :], keys[:, None], lo[None, :], hi[None, :],
+                               q_segment[None, :], key_segments_base, mask_base, NUM_HEADS, SEQ_Q,
+                               SEQ_K, SEGMENTS, MASK_LAYOUT)
+        probs_t = tl.where(keep, probs_t, 0.0)
     dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision=DOT_PRECISION)
     dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
-    dscores_t = probs_t * (dprobs_t - delta[None, :])
+    dscores_t = probs_t * (dprobs_t - delta[None, :]) * cap_grad_t
     return tl.dot(dscores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION), dv
 
 
 @triton.jit
 def _flash_key_grads_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, mask_ptr, q_segments_ptr,
+    k_segments_ptr, key_spans_ptr, query_spans_ptr, dk_ptr, dv_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -59,6 +78,9 @@ def _flash_key_grads_kernel(
     STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
+    BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
+    SPANS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -85,15 +107,9 @@ def _flash_key_grads_kernel(
                   BLOCK_D != HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e)
+    q_segments_base = q_segments_ptr + batch * SEQ_Q
+    key_segments_base = k_segments_ptr + batch * SEQ_K
 
-    # Causal: query blocks before the first that sees these keys are skipped, the
-    # blocks crossing the diagonal are masked, and the rest run unmasked.
-    first_m = 0
-    masked_end = 0
-    if IS_CAUSAL:
-        first_m = (start_n // BLOCK_M) * BLOCK_M
-        masked_end = min(SEQ_Q, (start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
     for group_member in range(KV_GROUP):
         head = kv_head * KV_GROUP + group_member
         q_ptrs = tile_ptrs(q_ptr + batch * STRIDE_QB + head * STRIDE_QH, offs_m, offs_d,
@@ -101,16 +117,35 @@ def _flash_key_grads_kernel(
         dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, offs_m, offs_d,
                               STRIDE_DOS, SEQ_Q)
         row_offset = (batch * NUM_HEADS + head) * SEQ_Q
-        for start_m in range(first_m, masked_end, BLOCK_M):
-            dk, dv = _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset,
-                                     delta_ptr + row_offset, start_m, offs_m, keys, offs_d,
-                                     SEQ_Q, HEAD_DIM, BLOCK_D, STRIDE_QS, STRIDE_DOS, QK_SCALE,
-                                     True, RAGGED_ROWS, DOT_PRECISION)
-        for start_m in range(masked_end, SEQ_Q, BLOCK_M):
-            dk, dv = _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset,
-                                     delta_ptr + row_offset, start_m, offs_m, keys, offs_d,
-                                     SEQ_Q, HEAD_DIM, BLOCK_D, STRIDE_QS, STRIDE_DOS, QK_SCALE,
-                                     False, RAGGED_ROWS, DOT_PRECISION)
+        bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q,
+                                       SEQ_K)
+        mask_base = masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q,
+                                       SEQ_K)
+        spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
+        start, full_start, full_end, stop = masking.query_blocks(
+            start_n, masking.spans_base(query_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_K),
+            BLOCK_N, BLOCK_M, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SPANS)
+        for start_m in range(start, full_start, BLOCK_M):
+            dk, dv = _key_grads_step(
+                dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
+                start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
+                bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
+                BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION)
+        for start_m in range(full_start, full_end, BLOCK_M):
+            dk, dv = _key_grads_step(
+                dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
+                start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
+                bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
+                BLOCK_D, STRIDE_QS, STRIDE_DOS, False, RAGGED_ROWS, DOT_PRECISION)
+        for start_m in range(full_end, stop, BLOCK_M):
+            dk, dv = _key_grads_step(
+                dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
+                start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
+                bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
+                BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION)
 
     dk *= SCALE
     store_tile(dk_ptr + k_base + kv_offsets, dk.to(dk_ptr.dtype.element_ty), keys, offs_d, SEQ_K,
@@ -120,32 +155,45 @@ def _flash_key_grads_kernel(
 
 
 @triton.jit
-def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, start_n, rows, offs_n, offs_d,
-                      SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      STRIDE_KS: tl.constexpr, STRIDE_VS: tl.constexpr,
-                      QK_SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n,
+                      offs_d, batch, head, lo, hi, q_segment, key_segments_base, mask_base,
+                      bias_base,
+                      SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
+                      BIAS_GRAD: tl.constexpr, MASK_LAYOUT: tl.constexpr,
+                      SEGMENTS: tl.constexpr, SPANS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                      WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                      NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      STRIDE_KS: tl.constexpr, STRIDE_VS: tl.constexpr, MASKED: tl.constexpr,
                       RAGGED_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ += dS . K (unscaled) for keys [start_n, start_n + BLOCK_N)."""
+    """dQ += dS . K (unscaled) for keys [start_n, start_n + BLOCK_N), and the tile's bias
+    gradient (BIAS_GRAD: a masking.store_bias_grad mode, 0 for none)."""
     cols = start_n + offs_n
     k = load_tile(k_ptrs + row_step(start_n, STRIDE_KS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
     v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scores, cap_grad = masking.logits(qk, bias_base, rows[:, None], cols[None, :], SCALE,
+                                      SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
     probs = tl.math.exp2(scores - lse[:, None])
     if MASKED:
-        visible = cols[None, :] < SEQ_K
-        if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None])
-        probs = tl.where(visible, probs, 0.0)
+        keep = masking.visible(rows[:, None], cols[None, :], lo[:, None], hi[:, None],
+                               q_segment[:, None], key_segments_base, mask_base, NUM_HEADS,
+                               SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+        probs = tl.where(keep, probs, 0.0)
     dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
-    dscores = probs * (dprobs - delta[:, None])
-    return tl.dot(dscores.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dlogits = probs * (dprobs - delta[:, None]) * cap_grad
+    if BIAS_GRAD:
+        masking.store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, BIAS_GRAD,
+                                BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    return tl.dot(dlogits.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _flash_query_grads_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, dlse_ptr, dq_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, dlse_ptr, bias_ptr, mask_ptr,
+    q_segments_ptr, k_segments_ptr, key_spans_ptr, dq_ptr, delta_ptr, dbias_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -154,12 +202,16 @@ def _flash_query_grads_kernel(
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
+    BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
+    SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); dq is shaped like q; delta
-    (written for the key-grads kernel) and dlse are [batch * NUM_HEADS, SEQ_Q] fp32."""
+    (written for the key-grads kernel) and dlse are [batch * NUM_HEADS, SEQ_Q] fp32;
+    dbias is the bias's shape (plan.bias_grad_buffer), written where BIAS_GRAD."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
     row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
     start_m = row_block * BLOCK_M
@@ -183,29 +235,46 @@ def _flash_query_grads_kernel(
     delta = (tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
              - load_rows(dlse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, 0.0))
     tl.store(delta_ptr + row_offset + rows, delta, mask=rows < SEQ_Q)
-    lse = load_rows(lse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, float("inf"))
-    lse *= 1.4426950408889634  # log2(e): base-2 scores
+    lse = masking.backward_lse(load_rows(lse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS,
+                                         float("inf")))
     k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH, offs_n, offs_d,
                        STRIDE_KS, SEQ_K)
     v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, offs_n, offs_d,
                        STRIDE_VS, SEQ_K)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e)
 
-    # As in the forward: unmasked blocks, then the causal diagonal and the ragged key tail.
-    unmasked_end = (SEQ_K // BLOCK_N) * BLOCK_N
-    end = SEQ_K
-    if IS_CAUSAL:
-        unmasked_end = min(unmasked_end, (start_m // BLOCK_N) * BLOCK_N)
-        end = min(SEQ_K, start_m + BLOCK_M)
-    for start_n in range(0, unmasked_end, BLOCK_N):
-        dq = _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, start_n, rows, offs_n,
-                               offs_d, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE,
-                               IS_CAUSAL, False, False, DOT_PRECISION)
-    for start_n in range(unmasked_end, end, BLOCK_N):
-        dq = _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, start_n, rows, offs_n,
-                               offs_d, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE,
-                               IS_CAUSAL, True, SEQ_K % BLOCK_N != 0, DOT_PRECISION)
+    bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    mask_base = masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
+    lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                               WINDOW_RIGHT, SPANS)
+    q_segment = masking.segment_ids(q_segments_ptr, batch, rows, SEQ_Q, SEGMENTS)
+    key_segments_base = k_segments_ptr + batch * SEQ_K
+    start, full_start, full_end, stop = masking.key_blocks(
+        start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+        SPANS)
+    RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
+    for start_n in range(start, full_start, BLOCK_N):
+        dq = _query_grads_step(
+            dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
+            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base, SCALE,
+            SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
+            WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
+            STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION)
+    for start_n in range(full_start, full_end, BLOCK_N):
+        dq = _query_grads_step(
+            dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
+            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base, SCALE,
+            SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
+            WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
+            STRIDE_VS, False, False, DOT_PRECISION)
+    for start_n in range(full_end, stop, BLOCK_N):
+        dq = _query_grads_step(
+            dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
+            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base, SCALE,
+            SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
+            WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
+            STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION)
 
     dq *= SCALE
     store_tile(dq_ptr + q_offsets, dq.to(dq_ptr.dtype.element_ty), rows, offs_d, SEQ_Q,

@@ -6,40 +6,50 @@ score matrix never reaches HBM. Shapes, strides and the scale are constexprs: th
 compiler then knows every alignment, which jax-triton's plain integer arguments
 would hide (GUIDE.md 3a).
 
+The key blocks come from masking.key_blocks: blocks no row of the program sees are
+never loaded, and only the masked stretches evaluate the element predicate.
 Scores are kept in base 2 (`exp2`, logits pre-multiplied by log2(e)); the row
-logsumexp is written back in natural-log units, matching `jax.nn`.
+logsumexp is written back in natural-log units, matching `jax.nn`. A row that sees
+no key gets 0 and a logsumexp of -inf.
 """
 
 import triton
 import triton.language as tl
 
+from jt_attention.kernels import masking
 from jt_attention.kernels.tiles import (grid_coords, load_tile, longest_first_coords, row_step,
                                         store_tile, tile_ptrs)
 
 
 @triton.jit
-def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d,
+                  lo, hi, q_segment, key_segments_base, mask_base, bias_base,
+                  SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
+                  MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                  WINDOW_RIGHT: tl.constexpr, NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr,
                   SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   STRIDE_KS: tl.constexpr, STRIDE_VS: tl.constexpr,
-                  QK_SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   MASKED: tl.constexpr, RAGGED_KEYS: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N).
 
-    MASKED applies the causal and key-length masks to the scores; RAGGED_KEYS also
-    bounds the K/V loads (the block crosses SEQ_K)."""
+    queries: the rows' query positions. MASKED applies masking.visible to the scores;
+    RAGGED_KEYS also bounds the K/V loads (the block may cross SEQ_K)."""
     cols = start_n + offs_n
     k = load_tile(k_ptrs + row_step(start_n, STRIDE_KS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scores, _ = masking.logits(qk, bias_base, queries[:, None], cols[None, :], SCALE, SOFT_CAP,
+                               BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
     if MASKED:
-        visible = cols[None, :] < SEQ_K
-        if IS_CAUSAL:  # top-left aligned, as in jax.nn: key j is visible to query i iff j <= i
-            visible = visible & (cols[None, :] <= offs_m[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
+        keep = masking.visible(queries[:, None], cols[None, :], lo[:, None], hi[:, None],
+                               q_segment[:, None], key_segments_base, mask_base, NUM_HEADS,
+                               SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+        scores = tl.where(keep, scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
-    # A row that has seen no key yet (possible in a split-KV slice) keeps max -inf;
-    # exponents are then taken from 0 so that they stay exp2(-inf) = 0, never NaN.
+    # A row that has seen no key yet keeps max -inf; exponents are then taken from 0 so
+    # that they stay exp2(-inf) = 0, never NaN.
     exp_base = tl.where(new_max == float("-inf"), 0.0, new_max)
     probs = tl.math.exp2(scores - exp_base[:, None])
     rescale = tl.math.exp2(row_max - exp_base)
@@ -52,8 +62,46 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, offs_m, off
 
 
 @triton.jit
+def _attend_stretches(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end,
+                      stop, queries, offs_n, offs_d, lo, hi, q_segment, key_segments_base,
+                      mask_base, bias_base,
+                      SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
+                      MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                      WINDOW_RIGHT: tl.constexpr, NUM_HEADS: tl.constexpr,
+                      SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_VS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_attend_block over masking.stretches(): masked, unmasked, masked."""
+    RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
+    for start_n in range(start, full_start, BLOCK_N):
+        acc, row_sum, row_max = _attend_block(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
+            hi, q_segment, key_segments_base, mask_base, bias_base, SCALE, SOFT_CAP,
+            BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+            NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
+            RAGGED_KEYS, DOT_PRECISION)
+    for start_n in range(full_start, full_end, BLOCK_N):
+        acc, row_sum, row_max = _attend_block(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
+            hi, q_segment, key_segments_base, mask_base, bias_base, SCALE, SOFT_CAP,
+            BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+            NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, False, False,
+            DOT_PRECISION)
+    for start_n in range(full_end, stop, BLOCK_N):
+        acc, row_sum, row_max = _attend_block(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
+            hi, q_segment, key_segments_base, mask_base, bias_base, SCALE, SOFT_CAP,
+            BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+            NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
+            RAGGED_KEYS, DOT_PRECISION)
+    return acc, row_sum, row_max
+
+
+@triton.jit
 def _flash_forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
+    out_ptr, lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -61,11 +109,15 @@ def _flash_forward_kernel(
     STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
+    BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
+    SPANS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); lse is [batch, NUM_HEADS, SEQ_Q] fp32."""
+    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); lse is [batch, NUM_HEADS, SEQ_Q] fp32.
+    The feature operands (bias to key_spans) are plan.FEATURE_INPUTS."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
     if IS_CAUSAL:  # later row blocks see more keys
         row_block, batch_head = longest_first_coords(ROW_BLOCKS, WIDE_INDEXING)
@@ -88,33 +140,31 @@ def _flash_forward_kernel(
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
     q = load_tile(q_ptrs, offs_m, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
 
+    bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    mask_base = masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
+    lo, hi = masking.row_reach(offs_m, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                               WINDOW_RIGHT, SPANS)
+    q_segment = masking.segment_ids(q_segments_ptr, batch, offs_m, SEQ_Q, SEGMENTS)
+    start, full_start, full_end, stop = masking.key_blocks(
+        start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+        SPANS)
+
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e)
+    acc, row_sum, row_max = _attend_stretches(
+        acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, offs_m,
+        offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base,
+        bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
+        WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
+        STRIDE_VS, BLOCK_N, DOT_PRECISION)
 
-    # Blocks that need no mask run first; the causal diagonal and the ragged tail
-    # of the keys run after, with masks. BLOCK_M is a multiple of BLOCK_N.
-    unmasked_end = (SEQ_K // BLOCK_N) * BLOCK_N
-    end = SEQ_K
-    if IS_CAUSAL:
-        unmasked_end = min(unmasked_end, start_m)
-        end = min(SEQ_K, start_m + BLOCK_M)
-    for start_n in range(0, unmasked_end, BLOCK_N):
-        acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
-            SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE, IS_CAUSAL,
-            False, False, DOT_PRECISION)
-    for start_n in range(unmasked_end, end, BLOCK_N):
-        acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
-            SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE, IS_CAUSAL,
-            True, SEQ_K % BLOCK_N != 0, DOT_PRECISION)
-
-    acc = acc / row_sum[:, None]
+    seen = row_sum > 0  # else the row saw no key: 0 out, lse -inf
+    acc = acc / tl.where(seen, row_sum, 1.0)[:, None]
     out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
                          STRIDE_OS, SEQ_Q)
     store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q, HEAD_DIM,
                RAGGED_ROWS, BLOCK_D != HEAD_DIM)
-    lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # ln(2): back to natural log
+    lse = tl.where(seen, (row_max + tl.math.log2(row_sum)) * masking.LN2, float("-inf"))
     tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)

@@ -4,40 +4,49 @@ A' is A or its transpose: the GEMMs of the two-pass kernels.
 Forward, rows of up to tuning.WHOLE_ROW_MAX_KEYS keys: O = P.V. Backward, head dims
 above 256: dV = P^T.dO, dK = scale * dS^T.Q, dQ = scale * dS.K. Each is tiled over
 (rows, D-chunks) and reduces over the sequence; dK and dV sum the query heads of a
-group in the reduction loop. Tiles of A wholly above the causal diagonal may be
-unwritten memory: they are never read, and blocks crossing it drop their upper part
-with a select.
+group in the reduction loop. The reduction walks masking.key_blocks (or query_blocks):
+A was written there and may be unwritten memory elsewhere, so the blocks outside are
+never read and the masked ones drop the entries past each query's reach
+(masking.row_reach) with a select.
 """
 
 import triton
 import triton.language as tl
 
+from jt_attention.kernels import masking
 from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
 
 
 @triton.jit
-def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
+def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d, spans,
                        REDUCED: tl.constexpr, PROBS_STRIDE: tl.constexpr,
                        STRIDE_BS: tl.constexpr, TRANSPOSE_A: tl.constexpr,
-                       DIAGONAL: tl.constexpr, RAGGED_REDUCED: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       MASKED: tl.constexpr, RAGGED_REDUCED: tl.constexpr,
+                       SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                       SPANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += A'[rows, start_c:+BLOCK_C] . B[start_c:+BLOCK_C, d-chunk].
 
     Only the reduced axis is masked (zeros past REDUCED); the pointers already clamp
     the output rows and columns (see _probs_matmul_kernel).
-    DIAGONAL: the block crosses the causal diagonal. Its entries above it may lie in
-    tiles that were never written (unwritten memory), so they are dropped with
-    a select after the load, never multiplied (see two_pass_forward, v1 notes)."""
+    MASKED: some query of the block does not reach all of its keys. Those entries
+    may lie in tiles that were never written (unwritten memory), so they are dropped
+    with a select after the load, never multiplied (see two_pass_forward, v1 notes);
+    spans: the (batch, head)'s key spans."""
     cols = start_c + offs_c
     if TRANSPOSE_A:  # A is [queries, keys] in memory; the rows here are keys
         a = tl.trans(load_tile(a_ptrs + row_step(start_c, PROBS_STRIDE, REDUCED), cols, rows,
                                REDUCED, 0, RAGGED_REDUCED, False))
-        if DIAGONAL:
-            a = tl.where(rows[:, None] <= cols[None, :], a, 0.0)
+        if MASKED:
+            lo, hi = masking.row_reach(cols, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                          WINDOW_RIGHT, SPANS)
+            a = tl.where((rows[:, None] >= lo[None, :]) & (rows[:, None] < hi[None, :]), a, 0.0)
     else:  # the rows are queries, the reduction runs over keys
         a = load_tile(a_ptrs + start_c, rows, cols, 0, REDUCED, False, RAGGED_REDUCED)
-        if DIAGONAL:
-            a = tl.where(cols[None, :] <= rows[:, None], a, 0.0)
+        if MASKED:
+            lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                          WINDOW_RIGHT, SPANS)
+            a = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), a, 0.0)
     b = load_tile(b_ptrs + row_step(start_c, STRIDE_BS, REDUCED), cols, offs_d, REDUCED, 0,
                   RAGGED_REDUCED, False)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -45,13 +54,14 @@ def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
 
 @triton.jit
 def _probs_matmul_kernel(
-    a_ptr, b_ptr, head_start, out_earlier_ptr, out_ptr,
+    a_ptr, b_ptr, key_spans_ptr, query_spans_ptr, head_start, out_earlier_ptr, out_ptr,
     OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
     CHUNK_OUT_HEADS: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
     STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NUM_SMS: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -80,32 +90,35 @@ def _probs_matmul_kernel(
     ROW_BLOCKS: tl.constexpr = (OUT_ROWS + BLOCK_R - 1) // BLOCK_R
     if not PERSISTENT or NUM_SMS == 0:
         d_block, row_block, chunk_out_head = grid_coords(D_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
-        _probs_matmul_tile(a_ptr, b_ptr, out_ptr, head_start, d_block, row_block, chunk_out_head,
-                           OUT_SCALE, TRANSPOSE_A, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP,
-                           HEAD_DIM, PROBS_STRIDE, STRIDE_BB, STRIDE_BS, STRIDE_BH, STRIDE_OB,
-                           STRIDE_OS, STRIDE_OH, DOT_PRECISION, BLOCK_R, BLOCK_C, BLOCK_D)
+        _probs_matmul_tile(a_ptr, b_ptr, key_spans_ptr, query_spans_ptr, out_ptr, head_start,
+                           d_block, row_block, chunk_out_head, OUT_SCALE, TRANSPOSE_A, IS_CAUSAL,
+                           SEQ_Q, SEQ_K, NUM_HEADS, KV_GROUP, HEAD_DIM, PROBS_STRIDE, STRIDE_BB,
+                           STRIDE_BS, STRIDE_BH, STRIDE_OB, STRIDE_OS, STRIDE_OH, WINDOW_LEFT,
+                           WINDOW_RIGHT, SPANS, DOT_PRECISION, BLOCK_R, BLOCK_C, BLOCK_D)
     else:
         NUM_TILES: tl.constexpr = D_BLOCKS * ROW_BLOCKS * CHUNK_OUT_HEADS
         for tile in tl.range(tl.program_id(0), NUM_TILES, NUM_SMS, flatten=True):
             chunk_out_head = tile // (D_BLOCKS * ROW_BLOCKS)
             if WIDE_INDEXING:  # as grid_coords: base offsets past 2**31 elements
                 chunk_out_head = chunk_out_head.to(tl.int64)
-            _probs_matmul_tile(a_ptr, b_ptr, out_ptr, head_start, tile % D_BLOCKS,
-                               (tile // D_BLOCKS) % ROW_BLOCKS, chunk_out_head,
+            _probs_matmul_tile(a_ptr, b_ptr, key_spans_ptr, query_spans_ptr, out_ptr, head_start,
+                               tile % D_BLOCKS, (tile // D_BLOCKS) % ROW_BLOCKS, chunk_out_head,
                                OUT_SCALE, TRANSPOSE_A, IS_CAUSAL, SEQ_Q, SEQ_K, NUM_HEADS,
                                KV_GROUP, HEAD_DIM, PROBS_STRIDE, STRIDE_BB, STRIDE_BS, STRIDE_BH,
-                               STRIDE_OB, STRIDE_OS, STRIDE_OH, DOT_PRECISION, BLOCK_R, BLOCK_C,
-                               BLOCK_D)
+                               STRIDE_OB, STRIDE_OS, STRIDE_OH, WINDOW_LEFT, WINDOW_RIGHT, SPANS,
+                               DOT_PRECISION, BLOCK_R, BLOCK_C, BLOCK_D)
 
 
 @triton.jit
 def _probs_matmul_tile(
-    a_ptr, b_ptr, out_ptr, head_start, d_block, row_block, chunk_out_head,
+    a_ptr, b_ptr, key_spans_ptr, query_spans_ptr, out_ptr, head_start, d_block, row_block,
+    chunk_out_head,
     OUT_SCALE: tl.constexpr, TRANSPOSE_A: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
     STRIDE_BB: tl.constexpr, STRIDE_BS: tl.constexpr, STRIDE_BH: tl.constexpr,
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -125,27 +138,7 @@ def _probs_matmul_tile(
     offs_d = start_d + tl.arange(0, BLOCK_D)
     RAGGED_ROWS: tl.constexpr = OUT_ROWS % BLOCK_R != 0
     RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
-
-    # Reduction blocks: those wholly visible run unmasked; the causal diagonal and
-    # the ragged tail of the reduced sequence run with masks.
-    first = 0
-    unmasked_start = 0
-    unmasked_end = (REDUCED // BLOCK_C) * BLOCK_C
-    end = REDUCED
-    if IS_CAUSAL:
-        if TRANSPOSE_A:  # keys [start_r, +BLOCK_R) reach queries from start_r on
-            first = (start_r // BLOCK_C) * BLOCK_C
-            unmasked_start = min(end, (start_r + BLOCK_R + BLOCK_C - 1) // BLOCK_C * BLOCK_C)
-        else:  # queries [start_r, +BLOCK_R) see keys up to start_r + BLOCK_R - 1
-            unmasked_end = min(unmasked_end, (start_r // BLOCK_C) * BLOCK_C)
-            end = min(end, start_r + BLOCK_R)
-    unmasked_end = max(unmasked_end, unmasked_start)
-    if HEADS_SUMMED > 1:
-        # The same value, which the compiler cannot fold: with constexpr bounds a
-        # one-block loop (64 < q_len <= 128) is inlined, and Triton 3.6 then pipelines
-        # the group loop around both steps, with 2-3x the config's shared memory
-        # (393 KB for the 4-stage D256 config on sm_90: no config could launch).
-        unmasked_end = min(unmasked_end, start_r + REDUCED)
+    RAGGED_REDUCED: tl.constexpr = REDUCED % BLOCK_C != 0
 
     # Rows and columns past the output's edge read other memory of the same buffer
     # instead of being masked: they land in accumulator rows and columns that are never
@@ -164,25 +157,41 @@ def _probs_matmul_tile(
         a_head = out_head * HEADS_SUMMED + group_member
         b_head = a_head // B_HEAD_GROUP
         a_base = a_ptr + (chunk_out_head * HEADS_SUMMED + group_member) * SEQ_Q * PROBS_STRIDE
-        if TRANSPOSE_A:
+        key_spans = masking.spans_base(key_spans_ptr, batch, a_head, SPANS, NUM_HEADS, SEQ_Q)
+        if TRANSPOSE_A:  # keys [start_r, +BLOCK_R) reach the queries of query_blocks
             a_ptrs = tile_ptrs(a_base, offs_c, read_rows, PROBS_STRIDE, REDUCED)
-        else:
+            start, full_start, full_end, stop = masking.query_blocks(
+                start_r, masking.spans_base(query_spans_ptr, batch, a_head, SPANS, NUM_HEADS,
+                                            SEQ_K),
+                BLOCK_R, BLOCK_C, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SPANS)
+        else:  # queries [start_r, +BLOCK_R) see the keys of key_blocks
             a_ptrs = tile_ptrs(a_base, read_rows, offs_c, PROBS_STRIDE, OUT_ROWS)
+            start, full_start, full_end, stop = masking.key_blocks(
+                start_r, key_spans, BLOCK_R, BLOCK_C, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                WINDOW_RIGHT, SPANS)
+        if HEADS_SUMMED > 1:
+            # The same value, which the compiler cannot fold: with constexpr bounds a
+            # one-block loop (64 < q_len <= 128) is inlined, and Triton 3.6 then pipelines
+            # the group loop around both steps, with 2-3x the config's shared memory
+            # (393 KB for the 4-stage D256 config on sm_90: no config could launch).
+            full_end = min(full_end, start_r + REDUCED)
         b_ptrs = tile_ptrs(b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH, offs_c, read_d,
                            STRIDE_BS, REDUCED)
-        for start_c in range(first, unmasked_start, BLOCK_C):
+        for start_c in range(start, full_start, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
-                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
-                                     True, REDUCED % BLOCK_C != 0, DOT_PRECISION)
-        for start_c in range(unmasked_start, unmasked_end, BLOCK_C):
+                                     key_spans, REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     True, RAGGED_REDUCED, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                     WINDOW_RIGHT, SPANS, DOT_PRECISION)
+        for start_c in range(full_start, full_end, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
-                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
-                                     False, False, DOT_PRECISION)
-        for start_c in range(unmasked_end, end, BLOCK_C):
+                                     key_spans, REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     False, False, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                     WINDOW_RIGHT, SPANS, DOT_PRECISION)
+        for start_c in range(full_end, stop, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
-                                     REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
-                                     IS_CAUSAL and not TRANSPOSE_A, REDUCED % BLOCK_C != 0,
-                                     DOT_PRECISION)
+                                     key_spans, REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
+                                     True, RAGGED_REDUCED, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                     WINDOW_RIGHT, SPANS, DOT_PRECISION)
 
     acc *= OUT_SCALE
     out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + out_head * STRIDE_OH, rows,

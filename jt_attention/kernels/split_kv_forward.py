@@ -13,19 +13,24 @@ heads that share a KV head read each K/V tile once, not once per head (GQA decod
 import triton
 import triton.language as tl
 
-from jt_attention.kernels.flash_forward import _attend_block
+from jt_attention.kernels import masking
+from jt_attention.kernels.flash_forward import _attend_stretches
 from jt_attention.kernels.tiles import grid_coords, load_tile, store_tile, tile_ptrs
 
 
 @triton.jit
 def _split_kv_kernel(
-    q_ptr, k_ptr, v_ptr, partial_out_ptr, partial_lse_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
+    partial_out_ptr, partial_lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     STRIDE_QB: tl.constexpr, STRIDE_QS: tl.constexpr, STRIDE_QH: tl.constexpr,
     STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
+    BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
+    SPANS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -34,7 +39,7 @@ def _split_kv_kernel(
 
     partial_out: [batch * NUM_HEADS, NUM_SPLITS, SEQ_Q, BLOCK_D] fp32, normalised per slice.
     partial_lse: [batch * NUM_HEADS, NUM_SPLITS, SEQ_Q] fp32, natural log; -inf for a
-    row that sees no key of the slice (causal). SPLIT_LEN is a multiple of BLOCK_N.
+    row that sees no key of the slice. SPLIT_LEN is a multiple of BLOCK_N.
     """
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP
     ROWS: tl.constexpr = KV_GROUP * SEQ_Q
@@ -58,31 +63,37 @@ def _split_kv_kernel(
     RAGGED_ROWS: tl.constexpr = ROWS % BLOCK_M != 0
     q = load_tile(q_ptrs, rows, offs_d, ROWS, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
 
+    # Features per row: rows past the group read the last row's (never stored).
+    feature_head = kv_head * KV_GROUP + tl.minimum(rows, ROWS - 1) // SEQ_Q
+    bias_base = masking.dense_base(bias_ptr, batch, feature_head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q,
+                                   SEQ_K)
+    mask_base = masking.dense_base(mask_ptr, batch, feature_head, MASK_LAYOUT, NUM_HEADS, SEQ_Q,
+                                   SEQ_K)
+    spans = masking.spans_base(key_spans_ptr, batch, feature_head, SPANS, NUM_HEADS, SEQ_Q)
+    lo, hi = masking.row_reach(query, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                               WINDOW_RIGHT, SPANS)
+    full_lo = tl.maximum(masking.row_spans(spans, query, SEQ_Q, SPANS)[2], lo)
+    q_segment = masking.segment_ids(q_segments_ptr, batch, query, SEQ_Q, SEGMENTS)
+    # This slice's keys that the rows see.
+    slice_start = split * SPLIT_LEN
+    slice_end = slice_start + SPLIT_LEN
+    start, full_start, full_end, stop = masking.reach_stretches(
+        tl.maximum(lo, slice_start), tl.minimum(hi, slice_end), tl.maximum(full_lo, slice_start),
+        BLOCK_N)
+
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # log2(e)
-    start = split * SPLIT_LEN
-    end = min(start + SPLIT_LEN, SEQ_K)
-    if IS_CAUSAL:  # query i sees keys 0..i: few, so every block is masked, beyond them none run
-        end = min(end, SEQ_Q)
-        unmasked_end = start
-    else:  # whole blocks unmasked; only the last slice can end in a ragged block
-        unmasked_end = start + (end - start) // BLOCK_N * BLOCK_N
-    for start_n in range(start, unmasked_end, BLOCK_N):
-        acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, query, offs_n, offs_d,
-            SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE, IS_CAUSAL,
-            False, False, DOT_PRECISION)
-    for start_n in range(unmasked_end, end, BLOCK_N):
-        acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, query, offs_n, offs_d,
-            SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, QK_SCALE, IS_CAUSAL,
-            True, SEQ_K % BLOCK_N != 0, DOT_PRECISION)
+    acc, row_sum, row_max = _attend_stretches(
+        acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, query,
+        offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K,
+        mask_base[:, None], bias_base[:, None], SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT,
+        SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K,
+        HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, BLOCK_N, DOT_PRECISION)
 
     seen = row_sum > 0
     acc = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (row_max + tl.math.log2(row_sum)) * masking.LN2, float("-inf"))
     partial = ((batch * NUM_HEADS + head) * NUM_SPLITS + split) * SEQ_Q + query
     store_tile(partial_out_ptr + partial[:, None] * BLOCK_D + offs_d[None, :], acc, rows, offs_d,
                ROWS, BLOCK_D, RAGGED_ROWS, False)
@@ -99,8 +110,8 @@ def _split_kv_combine_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """out = sum_s exp(lse_s - lse) out_s with lse = log sum_s exp(lse_s);
-    programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS). Slice 0 holds key 0, which
-    every row sees, so lse is finite for every real row."""
+    programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS). A row that saw no key in any
+    slice gets 0 and lse -inf."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
     row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
     batch = batch_head // NUM_HEADS
@@ -113,7 +124,7 @@ def _split_kv_combine_kernel(
     for split in range(NUM_SPLITS):
         row_max = tl.maximum(row_max, tl.load(lse_ptrs + split * SEQ_Q, mask=in_rows,
                                               other=float("-inf")))
-    row_max = tl.where(in_rows, row_max, 0.0)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     out_ptrs = tile_ptrs(partial_out_ptr + batch_head * NUM_SPLITS * SEQ_Q * BLOCK_D, offs_m,
@@ -125,9 +136,10 @@ def _split_kv_combine_kernel(
         partial = load_tile(out_ptrs + split * SEQ_Q * BLOCK_D, offs_m, offs_d, SEQ_Q, BLOCK_D,
                             SEQ_Q % BLOCK_M != 0, False)
         acc += weight[:, None] * partial
-    row_sum = tl.where(in_rows, row_sum, 1.0)
-    acc = acc / row_sum[:, None]
+    seen = row_sum > 0
+    acc = acc / tl.where(seen, row_sum, 1.0)[:, None]
     store_tile(tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
                          STRIDE_OS, SEQ_Q), acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q,
                HEAD_DIM, SEQ_Q % BLOCK_M != 0, BLOCK_D != HEAD_DIM)
-    tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, row_max + tl.log(row_sum), mask=in_rows)
+    tl.store(lse_ptr + batch_head * SEQ_Q + offs_m,
+             tl.where(seen, row_max + tl.log(row_sum), float("-inf")), mask=in_rows)

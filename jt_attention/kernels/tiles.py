@@ -126,27 +126,25 @@ def store_tile(ptrs, value, rows, cols, ROW_LIMIT: tl.constexpr, COL_LIMIT: tl.c
 
 
 @triton.jit
-def rows_dot_cols(a_base, b_base, rows, cols, A_ROWS: tl.constexpr, B_ROWS: tl.constexpr,
+def rows_dot_cols(a_base, b_base, a_rows, b_rows, A_ROWS: tl.constexpr, B_ROWS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, STRIDE_AS: tl.constexpr, STRIDE_BS: tl.constexpr,
-                  RAGGED_ROWS: tl.constexpr, RAGGED_COLS: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A[rows] . B[cols]^T in fp32 (S = Q.K^T, dP = dO.V^T), the head dim streamed in
+    """A[a_rows] . B[b_rows]^T in fp32 (S = Q.K^T, dP = dO.V^T), the head dim streamed in
     BLOCK_K chunks.
 
-    Rows past A_ROWS and B_ROWS read the last valid row (clamped pointers): their
-    entries are finite, and the callers mask or never store them. Only the head dim,
-    the reduced axis, is masked: two-axis masks on a pipelined load computed wrong
-    results on the H100 under Triton 3.6 (WORKSPACE_NOTES.md, session 7)."""
+    The callers pass rows to read that lie within A and B (a row past the end reads
+    the last valid one: clamped pointers), so entries they never use stay finite. Only
+    the head dim, the reduced axis, is masked: two-axis masks on a pipelined load
+    computed wrong results on the H100 under Triton 3.6 (WORKSPACE_NOTES.md, session 7).
+    A_ROWS and B_ROWS bound the row indices (for tile_ptrs' 32/64-bit choice)."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = tile_ptrs(a_base, tl.minimum(rows, A_ROWS - 1) if RAGGED_ROWS else rows, offs_k,
-                       STRIDE_AS, A_ROWS)
-    b_ptrs = tile_ptrs(b_base, tl.minimum(cols, B_ROWS - 1) if RAGGED_COLS else cols, offs_k,
-                       STRIDE_BS, B_ROWS)
+    a_ptrs = tile_ptrs(a_base, a_rows, offs_k, STRIDE_AS, A_ROWS)
+    b_ptrs = tile_ptrs(b_base, b_rows, offs_k, STRIDE_BS, B_ROWS)
     RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
-    acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    acc = tl.zeros([a_rows.shape[0], b_rows.shape[0]], tl.float32)
     for start_k in range(0, HEAD_DIM, BLOCK_K):
         dims = start_k + offs_k
-        a = load_tile(a_ptrs + start_k, rows, dims, A_ROWS, HEAD_DIM, False, RAGGED_DIM)
-        b = load_tile(b_ptrs + start_k, cols, dims, B_ROWS, HEAD_DIM, False, RAGGED_DIM)
+        a = load_tile(a_ptrs + start_k, a_rows, dims, 0, HEAD_DIM, False, RAGGED_DIM)
+        b = load_tile(b_ptrs + start_k, b_rows, dims, 0, HEAD_DIM, False, RAGGED_DIM)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc

@@ -22,28 +22,27 @@ fit for D = 1024, and recomputing the scores per D-chunk would multiply their FL
 
 Costs 2 x Sq x Sk elements of HBM per batch·head, like the forward's P, for one chunk
 of the batch·heads at a time (plan.Problem.head_chunks); dQ, dK and dV are updated in
-place chunk by chunk.
+place chunk by chunk. The score-gradient kernels also write the bias gradient
+(masking.store_bias_grad), and, with a soft-cap, dS is taken with respect to the
+logits before the cap (the forward then keeps no P: the cap's derivative needs them).
+Tiles are visited as in the forward (masking.key_blocks), and entries past a row's
+reach (masking.row_reach) are read through a select.
 """
 
 import triton
 import triton.language as tl
 
+from jt_attention.kernels import masking
 from jt_attention.kernels.backward_preprocess import load_row_stats, load_rows
 from jt_attention.kernels.tiles import (grid_coords, load_tile, rows_dot_cols, store_tile,
                                         tile_ptrs)
 
 
 @triton.jit
-def _visible(probs, rows, cols, SEQ_K: tl.constexpr, IS_CAUSAL: tl.constexpr,
-             RAGGED_KEYS: tl.constexpr):
-    """probs zeroed past SEQ_K and, if causal, above the diagonal (a select: the entries
-    dropped may be NaN, from memory the forward never wrote)."""
-    if RAGGED_KEYS or IS_CAUSAL:
-        visible = cols[None, :] < SEQ_K
-        if IS_CAUSAL:  # top-left aligned: key j reaches query i iff j <= i
-            visible = visible & (cols[None, :] <= rows[:, None])
-        probs = tl.where(visible, probs, 0.0)
-    return probs
+def _within_reach(values, rows, cols, lo, hi):
+    """values zeroed past each row's reach (a select: the entries dropped may be NaN, from
+    memory the forward never wrote)."""
+    return tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), values, 0.0)
 
 
 @triton.jit
@@ -56,7 +55,9 @@ def _store_scores_tile(ptr, offsets, values, rows, cols, SEQ_Q: tl.constexpr,
 
 @triton.jit
 def _score_grads_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, head_start, probs_ptr, dscores_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, mask_ptr, q_segments_ptr,
+    k_segments_ptr, key_spans_ptr, head_start, dbias_earlier_ptr, probs_ptr, dscores_ptr,
+    dbias_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
@@ -64,6 +65,9 @@ def _score_grads_kernel(
     STRIDE_KB: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_KH: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
+    BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
+    SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -72,7 +76,9 @@ def _score_grads_kernel(
     of batch·heads from head_start on (plan.Problem.head_chunks).
 
     probs, dscores: [chunk heads, SEQ_Q, PROBS_STRIDE] in the input dtype.
-    lse: [batch * NUM_HEADS, SEQ_Q]; delta: [chunk heads, SEQ_Q] (fp32)."""
+    lse: [batch * NUM_HEADS, SEQ_Q]; delta: [chunk heads, SEQ_Q] (fp32).
+    dbias (the bias's shape; dbias_earlier: what earlier chunks wrote to it, never
+    read) is written where BIAS_GRAD."""
     KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
     key_block, row_block, chunk_head = grid_coords(KEY_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
@@ -83,8 +89,11 @@ def _score_grads_kernel(
     head = batch_head % NUM_HEADS
     kv_head = head // KV_GROUP
 
-    visible_end = start_m + BLOCK_M if IS_CAUSAL else SEQ_K
-    if start_n < visible_end:
+    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
+    start, full_start, full_end, stop = masking.key_blocks(
+        start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+        SPANS)
+    if (start_n >= start) & (start_n < stop):
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -99,13 +108,13 @@ def _score_grads_kernel(
         RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
         RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
         RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_K != 0
-        scores = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        qk = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         dprobs = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for start_k in range(0, HEAD_DIM, BLOCK_K):
             dims = start_k + offs_k
             q = load_tile(q_ptrs + start_k, rows, dims, SEQ_Q, HEAD_DIM, RAGGED_ROWS, RAGGED_DIM)
             k = load_tile(k_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, RAGGED_KEYS, RAGGED_DIM)
-            scores = tl.dot(q, tl.trans(k), scores, input_precision=DOT_PRECISION)
+            qk = tl.dot(q, tl.trans(k), qk, input_precision=DOT_PRECISION)
             dout = load_tile(dout_ptrs + start_k, rows, dims, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
                              RAGGED_DIM)
             v = load_tile(v_ptrs + start_k, cols, dims, SEQ_K, HEAD_DIM, RAGGED_KEYS, RAGGED_DIM)
@@ -113,33 +122,43 @@ def _score_grads_kernel(
 
         lse, delta = load_row_stats(lse_ptr + batch_head * SEQ_Q, delta_ptr + chunk_head * SEQ_Q,
                                     rows, SEQ_Q, RAGGED_ROWS)
-        probs = tl.math.exp2(scores * (SCALE * 1.4426950408889634) - lse[:, None])
-        probs = _visible(probs, rows, cols, SEQ_K, IS_CAUSAL, RAGGED_KEYS)
+        bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q,
+                                       SEQ_K)
+        scores, cap_grad = masking.logits(qk, bias_base, rows[:, None], cols[None, :], SCALE,
+                                          SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+        probs = tl.math.exp2(scores - lse[:, None])
+        if (start_n < full_start) | (start_n >= full_end):
+            lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                          WINDOW_RIGHT, SPANS)
+            keep = masking.visible(
+                rows[:, None], cols[None, :], lo[:, None], hi[:, None],
+                masking.segment_ids(q_segments_ptr, batch, rows, SEQ_Q, SEGMENTS)[:, None],
+                k_segments_ptr + batch * SEQ_K,
+                masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K),
+                NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+            probs = tl.where(keep, probs, 0.0)
+        dlogits = probs * (dprobs - delta[:, None]) * cap_grad
         offsets = tile_ptrs(chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
         _store_scores_tile(probs_ptr, offsets, probs, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
                            RAGGED_KEYS)
-        _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,
-                           SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
-
-
-@triton.jit
-def _load_kept_probs(ptrs, rows, cols, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr, RAGGED_ROWS: tl.constexpr,
-                     RAGGED_KEYS: tl.constexpr):
-    """The forward's softmax on [rows, cols] in fp32; zeros past the edges and above the
-    causal diagonal."""
-    probs = load_tile(ptrs, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS).to(tl.float32)
-    return _visible(probs, rows, cols, SEQ_K, IS_CAUSAL, False)
+        _store_scores_tile(dscores_ptr, offsets, dlogits, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+                           RAGGED_KEYS)
+        if BIAS_GRAD:
+            masking.store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, BIAS_GRAD,
+                                    BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
 
 
 @triton.jit
 def _dscores_from_probs_kernel(
-    v_ptr, dout_ptr, probs_ptr, delta_ptr, dscores_ptr,
+    v_ptr, dout_ptr, probs_ptr, delta_ptr, key_spans_ptr, dbias_earlier_ptr, dscores_ptr,
+    dbias_ptr,
     IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr,
+    BIAS_LAYOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -158,32 +177,47 @@ def _dscores_from_probs_kernel(
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
 
-    visible_end = start_m + BLOCK_M if IS_CAUSAL else SEQ_K
-    if start_n < visible_end:
+    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
+    start, full_start, full_end, stop = masking.key_blocks(
+        start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+        SPANS)
+    if (start_n >= start) & (start_n < stop):
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
         RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
         RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
         dprobs = rows_dot_cols(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH,
                                v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH,
-                               rows, cols, SEQ_Q, SEQ_K, HEAD_DIM, STRIDE_DOS, STRIDE_VS,
-                               RAGGED_ROWS, RAGGED_KEYS, DOT_PRECISION, BLOCK_K)
+                               tl.minimum(rows, SEQ_Q - 1) if RAGGED_ROWS else rows,
+                               tl.minimum(cols, SEQ_K - 1) if RAGGED_KEYS else cols, SEQ_Q,
+                               SEQ_K, HEAD_DIM, STRIDE_DOS, STRIDE_VS, DOT_PRECISION, BLOCK_K)
         delta = load_rows(delta_ptr + batch_head * SEQ_Q, rows, SEQ_Q, RAGGED_ROWS, 0.0)
         offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
-        probs = _load_kept_probs(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, IS_CAUSAL,
-                                 RAGGED_ROWS, RAGGED_KEYS)
-        _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,
-                           SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+        probs = load_tile(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+                          RAGGED_KEYS).to(tl.float32)
+        if (start_n < full_start) | (start_n >= full_end):
+            lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
+                                          WINDOW_RIGHT, SPANS)
+            probs = _within_reach(probs, rows, cols, lo, hi)
+        dscores = probs * (dprobs - delta[:, None])
+        _store_scores_tile(dscores_ptr, offsets, dscores, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+                           RAGGED_KEYS)
+        if BIAS_GRAD:
+            masking.store_bias_grad(dbias_ptr, dscores, rows, cols, batch, head, BIAS_GRAD,
+                                    BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
 
 
 @triton.jit
 def _dscores_whole_rows_kernel(
-    v_ptr, dout_ptr, probs_ptr, dlse_ptr, dscores_ptr,
+    v_ptr, dout_ptr, probs_ptr, dlse_ptr, key_spans_ptr, dbias_earlier_ptr, dscores_ptr,
+    dbias_ptr,
     IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
     STRIDE_VB: tl.constexpr, STRIDE_VS: tl.constexpr, STRIDE_VH: tl.constexpr,
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr,
+    BIAS_LAYOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     ROW_KEYS: tl.constexpr,
@@ -193,6 +227,8 @@ def _dscores_whole_rows_kernel(
     (ROW_KEYS: SEQ_K rounded up to a power of two, at most tuning.WHOLE_ROW_MAX_KEYS),
     so that delta = rowsum(P * dP) - dlse comes from the tile itself: no launch reads
     O and dO for it (-0.55 ms of 2.03 on the seed workload, H100: WORKSPACE_NOTES.md).
+    The whole-row forward wrote every entry of P (zeros where hidden), so no select;
+    V is read only for the keys the rows reach (masking.keys_to_read).
 
     programs (cdiv(SEQ_Q, BLOCK_M), 1, batch * NUM_HEADS).
     probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype;
@@ -205,23 +241,31 @@ def _dscores_whole_rows_kernel(
     cols = tl.arange(0, ROW_KEYS)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
     RAGGED_KEYS: tl.constexpr = SEQ_K != ROW_KEYS
+    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
+    keys = masking.key_blocks(row_block * BLOCK_M, spans, BLOCK_M, 1, SEQ_Q, SEQ_K, IS_CAUSAL,
+                              WINDOW_LEFT, WINDOW_RIGHT, SPANS)
+    start, stop = keys[0], keys[3]
+    # Rows past SEQ_Q read the last row (their sums and dS are never stored), so the
+    # loads of P mask the keys only.
+    read_rows = tl.minimum(rows, SEQ_Q - 1) if RAGGED_ROWS else rows
     dprobs = rows_dot_cols(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH,
                            v_ptr + batch * STRIDE_VB + (head // KV_GROUP) * STRIDE_VH,
-                           rows, cols, SEQ_Q, SEQ_K, HEAD_DIM, STRIDE_DOS, STRIDE_VS,
-                           RAGGED_ROWS, RAGGED_KEYS, DOT_PRECISION, BLOCK_K)
-    # Rows past SEQ_Q read the last row's P (their sums and dS are never stored), so
-    # the loads of P mask the keys only.
-    read_rows = tl.minimum(rows, SEQ_Q - 1) if RAGGED_ROWS else rows
+                           read_rows, masking.keys_to_read(cols, start, stop, SEQ_K), SEQ_Q,
+                           SEQ_K, HEAD_DIM, STRIDE_DOS, STRIDE_VS, DOT_PRECISION, BLOCK_K)
     offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, read_rows, cols, PROBS_STRIDE, SEQ_Q)
-    probs = _load_kept_probs(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, IS_CAUSAL, False,
-                             RAGGED_KEYS)
+    probs = load_tile(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, False,
+                      RAGGED_KEYS).to(tl.float32)
     dlse = load_rows(dlse_ptr + batch_head * SEQ_Q, rows, SEQ_Q, RAGGED_ROWS, 0.0)
     delta = tl.sum(probs * dprobs, 1) - dlse
     # P is read again (from L2) rather than kept: held in fp32 next to dP through the
     # row sum, it spilled (255 registers, 124 bytes; ptxas for sm_90a, Triton 3.6).
     # The barrier keeps the compiler from merging the two reads.
     tl.debug_barrier()
-    probs = _load_kept_probs(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, IS_CAUSAL, False,
-                             RAGGED_KEYS)
-    _store_scores_tile(dscores_ptr, offsets, probs * (dprobs - delta[:, None]), rows, cols,
-                       SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+    probs = load_tile(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, False,
+                      RAGGED_KEYS).to(tl.float32)
+    dscores = probs * (dprobs - delta[:, None])
+    _store_scores_tile(dscores_ptr, offsets, dscores, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+                       RAGGED_KEYS)
+    if BIAS_GRAD:
+        masking.store_bias_grad(dbias_ptr, dscores, rows, cols, batch, head, BIAS_GRAD,
+                                BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)

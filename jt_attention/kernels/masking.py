@@ -1,0 +1,306 @@
+"""Visibility and score modification, in one place for every kernel (features.py defines them).
+
+Three questions, asked by every kernel that reads scores:
+
+1. Which blocks to visit. `key_blocks` gives a block of query rows the key blocks to
+   walk, in three stretches: masked, unmasked (every query of the block sees every
+   key there), masked. `query_blocks` does the same for a block of keys (the kernels
+   that walk queries). Causal and the local window bound the stretches statically;
+   the per-row spans (features.py: lengths, segment ids, the mask) at run time.
+   Blocks no query of the block sees are never visited.
+2. Which elements are visible, in a masked block: `visible`, the one element
+   predicate, over index tensors shaped [M, 1] and [1, N] in either order, so the
+   kernels that work on transposed [keys, queries] tiles call it as the others do.
+   Its first part, `row_reach` (band and spans, per query), also tells the kernels
+   that read probabilities another launch wrote which entries exist: a launch that
+   walks key_blocks() writes at least every entry a row reaches, whatever its blocks.
+3. The logits: `logits` adds the bias and applies the soft-cap, returning base-2
+   scores (log2(e) folded in, as the kernels use exp2) and the soft-cap's derivative
+   for the backward; `store_bias_grad` writes or accumulates the bias gradient.
+
+Band: query i sees keys i - WINDOW_LEFT .. i + WINDOW_RIGHT, and none past i if
+IS_CAUSAL; -1 leaves a side unbounded. Operand layouts (BIAS_LAYOUT, MASK_LAYOUT,
+SPANS) are features.layout codes: PRESENT and the dims an operand has; 0 for none.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# features.BATCH, HEADS, QUERIES, KEYS
+_BATCH: tl.constexpr = tl.constexpr(1)
+_HEADS: tl.constexpr = tl.constexpr(2)
+_QUERIES: tl.constexpr = tl.constexpr(4)
+_KEYS: tl.constexpr = tl.constexpr(8)
+# Bias-gradient modes (plan.bias_grad_mode)
+STORE: tl.constexpr = tl.constexpr(1)       # one visit per element: dbias = dS
+ACCUMULATE: tl.constexpr = tl.constexpr(2)  # broadcast dims: fp32 atomic sums
+
+
+@triton.jit
+def _dense_strides(LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr,
+                   SEQ_K: tl.constexpr):
+    """(batch, head, query, key) strides of a contiguous operand with `LAYOUT`'s dims."""
+    KEY: tl.constexpr = 1 if _KEYS & LAYOUT else 0
+    QUERY: tl.constexpr = (SEQ_K if _KEYS & LAYOUT else 1) if _QUERIES & LAYOUT else 0
+    HEAD: tl.constexpr = ((SEQ_Q if _QUERIES & LAYOUT else 1) * (SEQ_K if _KEYS & LAYOUT else 1)
+                          if _HEADS & LAYOUT else 0)
+    BATCH: tl.constexpr = ((NUM_HEADS if _HEADS & LAYOUT else 1)
+                           * (SEQ_Q if _QUERIES & LAYOUT else 1)
+                           * (SEQ_K if _KEYS & LAYOUT else 1) if _BATCH & LAYOUT else 0)
+    return BATCH, HEAD, QUERY, KEY
+
+
+@triton.jit
+def dense_base(ptr, batch, head, LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr,
+               SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr):
+    """`ptr` at (batch, head) of a bias- or mask-like operand (broadcast dims stay put)."""
+    batch_stride, head_stride, _, _ = _dense_strides(LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    return ptr + batch * batch_stride + head * head_stride
+
+
+@triton.jit
+def _dense_tile_ptrs(base, q, k, LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr,
+                     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr):
+    """Pointers to [q, k] (index tensors [M, 1] and [1, N], either way round) of a dense
+    operand at `base`; indices past the ends read the last row or column (their values
+    are never used), so loads need no mask."""
+    _, _, query_stride, key_stride = _dense_strides(LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    return (base + tl.minimum(q, SEQ_Q - 1) * query_stride
+            + tl.minimum(k, SEQ_K - 1) * key_stride)
+
+
+@triton.jit
+def row_spans(spans_base, rows, NUM_ROWS: tl.constexpr, SPANS: tl.constexpr):
+    """(first, end, full_from) of `rows` (a vector) from a [3, NUM_ROWS] span array; rows
+    past the end take the last row's. Zeros without spans (and then never used)."""
+    if SPANS:
+        rows = tl.minimum(rows, NUM_ROWS - 1)
+        first = tl.load(spans_base + rows)
+        end = tl.load(spans_base + NUM_ROWS + rows)
+        full_from = tl.load(spans_base + 2 * NUM_ROWS + rows)
+    else:
+        first = tl.zeros_like(rows)
+        end = first
+        full_from = first
+    return first, end, full_from
+
+
+@triton.jit
+def segment_ids(ptr, batch, positions, LENGTH: tl.constexpr, SEGMENTS: tl.constexpr):
+    """The segment ids at `positions` of a [batch, LENGTH] array (zeros without them)."""
+    if SEGMENTS:
+        ids = tl.load(ptr + batch * LENGTH + tl.minimum(positions, LENGTH - 1))
+    else:
+        ids = tl.zeros_like(positions)
+    return ids
+
+
+@triton.jit
+def spans_base(ptr, batch, head, SPANS: tl.constexpr, NUM_HEADS: tl.constexpr,
+               NUM_ROWS: tl.constexpr):
+    """`ptr` at (batch, head) of a [RB, RH, 3, NUM_ROWS] span array."""
+    base = ptr
+    if _HEADS & SPANS:
+        base += head * 3 * NUM_ROWS
+    if _BATCH & SPANS:
+        base += batch * (NUM_HEADS if _HEADS & SPANS else 1) * 3 * NUM_ROWS
+    return base
+
+
+@triton.jit
+def band_bounds(first, last, BELOW: tl.constexpr, ABOVE: tl.constexpr, LIMIT: tl.constexpr):
+    """(lo, hi, full_lo, full_hi) for indices first..last that each see [i - BELOW,
+    i + ABOVE] within [0, LIMIT) (-1: unbounded): together they see [lo, hi), and each
+    of them sees [full_lo, full_hi)."""
+    lo = 0
+    hi = LIMIT
+    full_lo = 0
+    full_hi = LIMIT
+    if BELOW >= 0:
+        lo = max(first - BELOW, 0)
+        full_lo = last - BELOW
+    if ABOVE >= 0:
+        hi = min(last + ABOVE + 1, LIMIT)
+        full_hi = min(first + ABOVE + 1, LIMIT)
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def span_bounds(lo, hi, full_lo, full_hi, first, end, full_from):
+    """band_bounds narrowed by the spans (vectors) of the same indices."""
+    return (max(lo, tl.min(first, 0)), min(hi, tl.max(end, 0)),
+            max(full_lo, tl.max(full_from, 0)), min(full_hi, tl.min(end, 0)))
+
+
+@triton.jit
+def stretches(lo, hi, full_lo, full_hi, STEP: tl.constexpr, LEFT_EDGE: tl.constexpr):
+    """(start, full_start, full_end, stop), multiples of STEP: visit [start, full_start)
+    masked, [full_start, full_end) unmasked and [full_end, stop) masked, which covers
+    [lo, hi); blocks in the unmasked stretch lie within [full_lo, full_hi). LEFT_EDGE
+    False: nothing is hidden on the left (full_lo <= lo = 0), so the first stretch is
+    statically empty."""
+    start = lo // STEP * STEP
+    stop = max((hi + STEP - 1) // STEP * STEP, start)
+    full_start = start
+    if LEFT_EDGE:
+        full_start = min(max((full_lo + STEP - 1) // STEP * STEP, start), stop)
+    full_end = min(max(full_hi // STEP * STEP, full_start), stop)
+    return start, full_start, full_end, stop
+
+
+@triton.jit
+def _block_stretches(first, BLOCK: tl.constexpr, STEP: tl.constexpr, LIMIT: tl.constexpr,
+                     BELOW: tl.constexpr, ABOVE: tl.constexpr, spans_ptr, SPANS: tl.constexpr,
+                     NUM_ROWS: tl.constexpr):
+    lo, hi, full_lo, full_hi = band_bounds(first, first + BLOCK - 1, BELOW, ABOVE, LIMIT)
+    if SPANS:
+        span_first, span_end, full_from = row_spans(spans_ptr, first + tl.arange(0, BLOCK),
+                                                    NUM_ROWS, SPANS)
+        lo, hi, full_lo, full_hi = span_bounds(lo, hi, full_lo, full_hi, span_first, span_end,
+                                               full_from)
+    return stretches(lo, hi, full_lo, full_hi, STEP, BELOW >= 0 or SPANS)
+
+
+@triton.jit
+def key_blocks(start_m, spans_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr):
+    """stretches() of the BLOCK_N key blocks that queries [start_m, start_m + BLOCK_M)
+    see; spans_ptr at the (batch, head)'s key spans."""
+    return _block_stretches(start_m, BLOCK_M, BLOCK_N, SEQ_K, WINDOW_LEFT,
+                            0 if IS_CAUSAL else WINDOW_RIGHT, spans_ptr, SPANS, SEQ_Q)
+
+
+@triton.jit
+def query_blocks(start_n, spans_ptr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr):
+    """stretches() of the BLOCK_M query blocks that see keys [start_n, start_n + BLOCK_N);
+    spans_ptr at the (batch, head)'s query spans."""
+    return _block_stretches(start_n, BLOCK_N, BLOCK_M, SEQ_Q, 0 if IS_CAUSAL else WINDOW_RIGHT,
+                            WINDOW_LEFT, spans_ptr, SPANS, SEQ_K)
+
+
+@triton.jit
+def row_reach(queries, spans_base, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+              SPANS: tl.constexpr):
+    """(lo, hi) per query (a vector of positions): the keys [lo, hi) that the band and
+    the spans leave it, within [0, SEQ_K). A superset of what it sees; with no segment
+    ids and no mask, exactly that. spans_base: the (batch, head)'s key spans (a scalar,
+    or a vector like `queries`)."""
+    first, end, _ = row_spans(spans_base, queries, SEQ_Q, SPANS)
+    lo = first
+    hi = tl.minimum(end, SEQ_K) if SPANS else tl.zeros_like(queries) + SEQ_K
+    if WINDOW_LEFT >= 0:
+        lo = tl.maximum(lo, queries - WINDOW_LEFT)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, queries + 1)
+    elif WINDOW_RIGHT >= 0:
+        hi = tl.minimum(hi, queries + WINDOW_RIGHT + 1)
+    return lo, hi
+
+
+@triton.jit
+def keys_to_read(cols, start, stop, SEQ_K: tl.constexpr):
+    """The keys to load for `cols` where a kernel computes whole rows: those outside
+    [start, stop) (key_blocks of its rows) read the nearest inside instead, so keys that
+    no row sees are never loaded (their scores are masked, and stay finite)."""
+    return tl.minimum(tl.maximum(tl.minimum(cols, stop - 1), start), SEQ_K - 1)
+
+
+@triton.jit
+def reach_stretches(lo, hi, full_lo, STEP: tl.constexpr):
+    """stretches() for rows given by their row_reach (lo, hi) and the start of the keys
+    each sees all of, full_lo (max(lo, the spans' full_from))."""
+    return stretches(tl.min(lo, 0), tl.max(hi, 0), tl.max(full_lo, 0), tl.min(hi, 0), STEP,
+                     True)
+
+
+@triton.jit
+def visible(q, k, lo, hi, q_segment, key_segments_base, mask_base, NUM_HEADS: tl.constexpr,
+            SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, SEGMENTS: tl.constexpr,
+            MASK_LAYOUT: tl.constexpr):
+    """Whether query q sees key k, for index tensors [M, 1] and [1, N] (either way round).
+
+    lo, hi (row_reach) and q_segment belong to the queries and are shaped like q;
+    key_segments_base and mask_base point at the (batch, head)'s key ids and mask."""
+    keep = (k >= lo) & (k < hi)
+    if SEGMENTS:
+        keep = keep & (q_segment == tl.load(key_segments_base + tl.minimum(k, SEQ_K - 1)))
+    if MASK_LAYOUT:
+        keep = keep & tl.load(_dense_tile_ptrs(mask_base, q, k, MASK_LAYOUT, NUM_HEADS,
+                                               SEQ_Q, SEQ_K))
+    return keep
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp2 (libdevice is not in Triton's interpreter): exact at +-inf, absolute
+    error about 1e-7 elsewhere, which is what the soft-capped logits need."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
+           BIAS_LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr,
+           SEQ_K: tl.constexpr):
+    """(base-2 scores, d capped / d uncapped) of the fp32 dot products qk at [q, k]:
+    log2(e) * cap * tanh((SCALE * qk + bias) / cap). The derivative is 1.0 without a
+    soft-cap (and dead code in the forward)."""
+    if BIAS_LAYOUT == 0 and SOFT_CAP == 0:
+        scores = qk * (SCALE * LOG2E)
+        cap_grad = 1.0
+    else:
+        values = qk * SCALE
+        if BIAS_LAYOUT:
+            bias = tl.load(_dense_tile_ptrs(bias_base, q, k, BIAS_LAYOUT, NUM_HEADS, SEQ_Q,
+                                            SEQ_K))
+            values += bias.to(tl.float32)
+        cap_grad = 1.0
+        if SOFT_CAP > 0:
+            tanh = _tanh(values * (1.0 / SOFT_CAP))
+            values = SOFT_CAP * tanh
+            cap_grad = 1.0 - tanh * tanh
+        scores = values * LOG2E
+    return scores, cap_grad
+
+
+@triton.jit
+def backward_lse(lse):
+    """Base-2 logsumexp for the backward: a row that saw no key (lse -inf) gets +inf, so
+    that its probabilities exp2(s - lse) are 0, not inf."""
+    return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+
+
+@triton.jit
+def store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, MODE: tl.constexpr,
+                    BIAS_LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr,
+                    SEQ_K: tl.constexpr):
+    """The bias gradient of one [rows, cols] tile of dlogits (1-D rows and cols), zero
+    where masked. STORE writes it in the bias's dtype (the bias has every dim, and each
+    element is visited once); ACCUMULATE adds it to an fp32 buffer of the bias's shape,
+    summed first over the tile's broadcast rows or columns."""
+    base = dense_base(dbias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    _, _, query_stride, key_stride = _dense_strides(BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    in_rows = rows < SEQ_Q
+    in_cols = cols < SEQ_K
+    if MODE == STORE:
+        tl.store(base + rows[:, None] * query_stride + cols[None, :] * key_stride,
+                 dlogits.to(dbias_ptr.dtype.element_ty), mask=in_rows[:, None] & in_cols[None, :])
+    elif MODE == ACCUMULATE:
+        # rows and columns past the ends may hold values (clamped reads): not summed
+        dlogits = tl.where(in_rows[:, None] & in_cols[None, :], dlogits, 0.0)
+        if (_QUERIES & BIAS_LAYOUT) and (_KEYS & BIAS_LAYOUT):
+            tl.atomic_add(base + rows[:, None] * query_stride + cols[None, :] * key_stride,
+                          dlogits, mask=in_rows[:, None] & in_cols[None, :], sem="relaxed")
+        elif _KEYS & BIAS_LAYOUT:
+            tl.atomic_add(base + cols * key_stride, tl.sum(dlogits, 0), mask=in_cols,
+                          sem="relaxed")
+        elif _QUERIES & BIAS_LAYOUT:
+            tl.atomic_add(base + rows * query_stride, tl.sum(dlogits, 1), mask=in_rows,
+                          sem="relaxed")
+        else:
+            tl.atomic_add(base, tl.sum(tl.sum(dlogits, 1), 0), sem="relaxed")

@@ -1,0 +1,278 @@
+"""Masks and score modifiers in every kernel family, forward and gradients, against float64.
+
+One battery, run for each implementation: the Triton kernels (in the interpreter on a
+CPU machine, compiled on a GPU) and 'xla' (the reference path). Each feature runs
+alone and with the others in each kernel family, on both sides of every dispatch
+boundary; then the edges: broadcast bias and mask shapes and their gradients, rows
+that see no key, lengths of 0 and of the full sequence, segment runs across block
+boundaries, windows wider than the sequence, and keys in hidden blocks set to NaN
+(which would show if a skipped block were read).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jt_attention
+from jt_attention import interpret, plan
+from jt_attention.features import Features
+from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
+                     check_against_float64, kernel_implementation, random_inputs,
+                     relative_error)
+
+KERNELS = kernel_implementation()
+IMPLEMENTATIONS = [KERNELS, "xla"]
+
+# (batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype): one per kernel family
+FAMILIES = {
+    "flash": (2, 45, 53, 4, 2, 32, "float16"),
+    "split_kv": (1, 5, 1100, 2, 1, 64, "bfloat16"),        # decoding: split-KV + combine
+    "whole_rows": (1, 40, 50, 2, 2, 264, "float16"),       # two-pass, whole rows, P kept
+    "tiled_kept": (1, 37, 60, 2, 1, 72, "float32"),        # two-pass tiles, P kept
+    "recomputed": (1, 30, 300, 2, 1, 264, "bfloat16"),     # two-pass tiles, P recomputed
+}
+
+
+def _segments(rng, batch, length, runs):
+    """Non-decreasing ids in `runs` runs of random lengths (crossing block edges)."""
+    edges = np.sort(rng.choice(np.arange(1, length), size=runs - 1, replace=False))
+    ids = np.zeros((batch, length), np.int32)
+    for edge in edges:
+        ids[:, edge:] += 1
+    return ids
+
+
+def feature_kwargs(name, shape, rng):
+    """Keyword arguments of dot_product_attention for feature set `name`."""
+    batch, seq_q, seq_k, heads, _, _, _ = shape
+    lengths = lambda n, top: np.array([top, max(1, top // 2)][:n] + [top] * (n - 2), np.int32)
+    if name == "bias":
+        return dict(bias=rng.standard_normal((1, heads, seq_q, seq_k)).astype(np.float32))
+    if name == "mask":
+        return dict(mask=rng.random((batch, 1, seq_q, seq_k)) > 0.25)
+    if name == "lengths":
+        return dict(query_seq_lengths=lengths(batch, seq_q),
+                    key_value_seq_lengths=lengths(batch, seq_k)[::-1].copy())
+    if name == "window":
+        return dict(local_window_size=(7, 3))
+    if name == "soft_cap":
+        return dict(logits_soft_cap=1.5, scale=3.0 / np.sqrt(shape[5]))
+    if name == "segments":
+        return dict(query_segment_ids=_segments(rng, batch, seq_q, 3),
+                    key_value_segment_ids=_segments(rng, batch, seq_k, 3))
+    if name == "everything":
+        return dict(feature_kwargs("bias", shape, rng), is_causal=True,
+                    mask=rng.random((1, heads, seq_q, seq_k)) > 0.1,
+                    key_value_seq_lengths=lengths(batch, seq_k), local_window_size=(20, 0),
+                    logits_soft_cap=20.0, **feature_kwargs("segments", shape, rng))
+    raise ValueError(name)
+
+
+FEATURE_SETS = ["bias", "mask", "lengths", "window", "soft_cap", "segments", "everything"]
+
+
+# The kernels in every family; the 'xla' reference path has no families, so one shape.
+BATTERY = [(KERNELS, family) for family in FAMILIES] + [("xla", "flash")]
+
+
+@pytest.mark.parametrize("implementation,family", BATTERY, ids="-".join)
+@pytest.mark.parametrize("feature", FEATURE_SETS)
+def test_feature_in_every_family(feature, family, implementation):
+    shape = FAMILIES[family]
+    kwargs = feature_kwargs(feature, shape, np.random.default_rng())
+    check_against_float64(shape, implementation, f"{feature=} {family=}", **kwargs)
+
+
+def test_families_take_their_kernels():
+    """Each family's features problem runs the kernels it is named for."""
+    expected = {"flash": "_flash_forward_kernel", "split_kv": "_split_kv_kernel",
+                "whole_rows": "_row_softmax_kernel",
+                "tiled_kept": "_weighted_values_keeping_probs_kernel",
+                "recomputed": "_score_grads_kernel"}
+    for family, (b, sq, sk, n, k, d, dtype) in FAMILIES.items():
+        problem = plan.Problem(b, sq, sk, n, k, d, np.dtype(DTYPES[dtype]), 0.1, True,
+                               features=Features(window=(7, 3), bias=(1, n, sq, sk),
+                                                 bias_grad=True))
+        names = {l.kernel.fn.__name__ for l in plan.forward_plan(problem, for_backward=True)
+                 + plan.backward_plan(problem)}
+        assert expected[family] in names, (family, names)
+
+
+# Bias shapes broadcast to [2, 4, 45, 53] (heads: 4 query heads, 2 KV heads).
+BIAS_SHAPES = [(2, 4, 45, 53), (1, 4, 45, 53), (2, 1, 1, 53), (1, 1, 45, 1), (4, 45, 53),
+               (45, 53), (1, 1, 1, 1), (2, 4, 45, 1)]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("bias_shape", BIAS_SHAPES, ids=str)
+def test_bias_broadcast_and_its_gradient(bias_shape, implementation):
+    rng = np.random.default_rng()
+    bias = rng.standard_normal(bias_shape).astype(np.float32)
+    check_against_float64(FAMILIES["flash"], implementation, f"{bias_shape=}", bias=bias,
+                          is_causal=True)
+
+
+@pytest.mark.parametrize("dtype,bias_dtype", [("float16", "float16"), ("bfloat16", "float32"),
+                                               ("float32", "bfloat16")])
+def test_bias_dtypes(dtype, bias_dtype):
+    """A bias in the input dtype or another: its gradient comes back in its own dtype."""
+    shape = (1, 30, 35, 2, 2, 40, dtype)
+    bias = np.random.default_rng().standard_normal((1, 2, 30, 35)).astype(DTYPES[bias_dtype])
+    check_against_float64(shape, KERNELS, f"{bias_dtype=}", bias=bias)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 45, 53), (1, 4, 45, 53), (2, 1, 1, 53),
+                                        (1, 1, 45, 1), (45, 53)], ids=str)
+def test_mask_broadcast(mask_shape):
+    mask = np.random.default_rng().random(mask_shape) > 0.3
+    check_against_float64(FAMILIES["flash"], KERNELS, f"{mask_shape=}", mask=mask)
+
+
+@pytest.mark.parametrize("family", ["flash", "split_kv", "whole_rows", "recomputed"])
+def test_rows_that_see_no_key(family):
+    """Whole rows masked (and whole batch elements with kv length 0): 0 out, lse -inf,
+    zero gradients, no NaN anywhere."""
+    shape = (2,) + FAMILIES[family][1:]
+    batch, seq_q, seq_k, heads = shape[:4]
+    mask = np.random.default_rng().random((batch, heads, seq_q, seq_k)) > 0.5
+    mask[:, :, ::3] = False
+    check_against_float64(shape, KERNELS, family, mask=mask,
+                          key_value_seq_lengths=np.array([0] + [seq_k] * (batch - 1), np.int32))
+
+
+@pytest.mark.parametrize("family", ["flash", "whole_rows", "recomputed"])
+def test_lengths_of_zero_and_full(family):
+    """Batch 0: no query rows; batch 1: no keys; batch 2: every row and key."""
+    shape = (3,) + FAMILIES[family][1:]
+    check_against_float64(shape, KERNELS, family,
+                          query_seq_lengths=np.array([0, shape[1], shape[1]], np.int32),
+                          key_value_seq_lengths=np.array([shape[2], 0, shape[2]], np.int32))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("window", [(0, 0), (500, 500), (60, 0), (0, 70), 2])
+def test_windows(window, implementation):
+    """Windows of one key, wider than the sequence, one-sided either way, symmetric."""
+    check_against_float64(FAMILIES["flash"], implementation, f"{window=}",
+                          local_window_size=window)
+
+
+def test_unordered_segment_ids():
+    """Ids that are not in runs: no block is skipped, but the result is exact."""
+    rng = np.random.default_rng()
+    shape = FAMILIES["flash"]
+    check_against_float64(shape, KERNELS, "unordered",
+                          query_segment_ids=rng.integers(0, 3, (2, 45)).astype(np.int32),
+                          key_value_segment_ids=rng.integers(0, 3, (2, 53)).astype(np.int32))
+
+
+@pytest.mark.skipif(KERNELS != "interpret", reason="the interpreter's block sizes")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_blocks_are_never_read(family):
+    """Keys that no query sees, in whole blocks of the interpreter's sizes: past a length
+    in batch 0, in a segment no query has in batch 1. They are NaN, so a kernel that read
+    a skipped block would return NaN."""
+    _, seq_q, _, heads, kv_heads, head_dim, dtype = FAMILIES[family]
+    # keys, and a multiple of every key block of the family's kernels in the interpreter
+    seq_k, edge = {"split_kv": (1280, 64), "tiled_kept": (64, 32),
+                   "recomputed": (320, 64)}.get(family, (128, 64))
+    shape = (2, seq_q, seq_k, heads, kv_heads, head_dim, dtype)
+    keys = np.arange(seq_k)
+    kv_segments = np.stack([np.zeros(seq_k), keys >= edge]).astype(np.int32)
+    kwargs = dict(query_segment_ids=np.zeros((2, seq_q), np.int32),
+                  key_value_segment_ids=kv_segments,
+                  key_value_seq_lengths=np.array([seq_k - edge, seq_k], np.int32))
+    hidden = np.stack([keys >= seq_k - edge, keys >= edge])
+    (q, k, v), seed = random_inputs(*shape)
+    k, v = (np.where(hidden[:, :, None, None], np.nan, x).astype(x.dtype) for x in (k, v))
+    attend = lambda q, k, v: jt_attention.dot_product_attention(q, k, v, implementation=KERNELS,
+                                                                **kwargs)
+    out, vjp = jax.vjp(attend, q, k, v)
+    clean = lambda x: np.where(hidden[:, :, None, None], 0, x).astype(x.dtype)
+    ref, _ = attention_float64(q, clean(k), clean(v), 1 / np.sqrt(head_dim), False, **kwargs)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"{seed=}"
+    dq, dk, dv = vjp(jnp.ones_like(out))
+    assert np.isfinite(np.asarray(dq, np.float32)).all(), f"{seed=}"
+    for grad in (dk, dv):
+        assert np.isfinite(np.asarray(grad, np.float32)[~hidden]).all(), f"{seed=}"
+
+
+def test_matches_jax_nn_on_every_argument():
+    """The same call through jax.nn (xla, float32 at HIGHEST) and through jt: bias, mask,
+    lengths, window and causal together, grouped heads, q_len != kv_len."""
+    rng = np.random.default_rng()
+    (q, k, v), seed = random_inputs(2, 33, 41, 4, 2, 48, "float32")
+    kwargs = dict(bias=rng.standard_normal((1, 4, 33, 41)).astype(np.float32),
+                  mask=rng.random((2, 1, 33, 41)) > 0.2, is_causal=True,
+                  query_seq_lengths=np.array([33, 20], np.int32),
+                  key_value_seq_lengths=np.array([30, 41], np.int32),
+                  local_window_size=(12, 2))
+    with jax.default_matmul_precision("highest"):
+        theirs = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+    # The one intended difference: a row that sees no key is 0 here, the mean of the
+    # values in jax.nn.
+    _, lse = attention_float64(q, k, v, 1 / np.sqrt(48), **kwargs)
+    theirs = np.where(np.isfinite(lse)[..., None], theirs, 0.0)
+    assert np.isfinite(lse).any() and not np.isfinite(lse).all()
+    for implementation in IMPLEMENTATIONS:
+        ours = jt_attention.dot_product_attention(q, k, v, implementation=implementation,
+                                                  **kwargs)
+        np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5,
+                                   err_msg=f"{seed=} {implementation=}")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_vmap_keeps_a_shared_bias_unbroadcast(implementation, monkeypatch):
+    """Under jax.vmap, a bias and mask of batch 1 that are not mapped reach the kernels
+    as they are (no copy per mapped element); a mapped bias with batch 1 gets its own
+    gradient per element."""
+    rng = np.random.default_rng()
+    (q, k, v), seed = random_inputs(6, 20, 24, 2, 2, 32, "float32")
+    bias = rng.standard_normal((1, 2, 20, 24)).astype(np.float32)
+    mask = rng.random((1, 1, 20, 24)) > 0.2
+    split = lambda x: x.reshape(3, 2, *x.shape[1:])
+    seen = []
+    if implementation == "interpret":
+        run = interpret.run_interpreted
+        monkeypatch.setattr(interpret, "run_interpreted",
+                            lambda launches, arrays, *a: seen.append(
+                                (arrays["bias"].shape, arrays["mask"].shape)) or run(
+                                launches, arrays, *a))
+    attend = lambda q, k, v, bias: jt_attention.dot_product_attention(
+        q, k, v, bias, mask, implementation=implementation)
+    out = jax.vmap(attend, in_axes=(0, 0, 0, None))(*map(split, (q, k, v)), bias)
+    ref, _ = attention_float64(q, k, v, 1 / np.sqrt(32), False, bias=bias, mask=mask)
+    assert relative_error(out.reshape(q.shape), ref) < TOLERANCE["float32"], f"{seed=}"
+    assert all(shapes == ((1, 2, 20, 24), (1, 1, 20, 24)) for shapes in seen), seen
+
+    biases = rng.standard_normal((3, 1, 2, 20, 24)).astype(np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    loss = lambda q, k, v, bias, dout: jnp.sum(attend(q, k, v, bias) * dout)
+    grads = jax.vmap(jax.grad(loss, argnums=3))(*map(split, (q, k, v)), biases, split(dout))
+    for i in range(3):
+        part = lambda x: split(x)[i]
+        want = attention_grads_float64(part(q), part(k), part(v), part(dout), 1 / np.sqrt(32),
+                                       False, bias=biases[i], mask=mask)[3]
+        assert grads[i].shape == biases[i].shape
+        assert relative_error(grads[i], want) < TOLERANCE["float32"], f"{seed=} {i=}"
+
+
+def test_several_batch_dims_and_small_head_dims():
+    """[batch, batch2, seq, heads, head_dim] inputs with a bias over the batch dims, and
+    head dims below 16 (padded in the kernels)."""
+    rng = np.random.default_rng()
+    for head_dim in (1, 3, 15):
+        (q, k, v), seed = random_inputs(6, 17, 19, 2, 1, head_dim, "float32")
+        bias = rng.standard_normal((3, 1, 2, 17, 19)).astype(np.float32)
+        lengths = np.array([[19, 4], [7, 19], [1, 0]], np.int32)
+        fold = lambda x: x.reshape(3, 2, *x.shape[1:])
+        out = jt_attention.dot_product_attention(
+            *map(fold, (q, k, v)), bias, key_value_seq_lengths=lengths, is_causal=True,
+            implementation=KERNELS)
+        ref, _ = attention_float64(q, k, v, 1 / np.sqrt(head_dim), True,
+                                   bias=np.repeat(bias, 2, axis=1).reshape(6, 2, 17, 19),
+                                   key_value_seq_lengths=lengths.reshape(6))
+        assert out.shape == (3, 2, 17, 2, head_dim)
+        assert relative_error(out.reshape(ref.shape), ref) < TOLERANCE["float32"], (
+            f"{seed=} {head_dim=}")
