@@ -57,6 +57,16 @@ class Problem:
         return tuning.Footprint(self.itemsize, self.block_d, score_bytes, masked)
 
     @property
+    def batch_inner(self):
+        """Whether the flash kernels run the batch innermost (tiles.block_coords): where
+        the batch shares a bias or mask (rows of it are then read by several programs at
+        once, from L2), except causal problems, whose forward grid hands out the longest
+        row blocks first."""
+        features = self.features
+        shared = any(shape and shape[0] == 1 for shape in (features.bias, features.mask))
+        return shared and self.batch > 1 and not self.is_causal
+
+    @property
     def uses_flash_kernel(self):
         return self.block_d <= tuning.FLASH_MAX_BLOCK_D[self.itemsize]
 
@@ -252,8 +262,9 @@ def _common_constexprs(p):
                 SOFT_CAP=features.soft_cap, BIAS_LAYOUT=layout(features.bias),
                 MASK_LAYOUT=layout(features.mask), SEGMENTS=features.segments,
                 SPANS=layout(features.spans + (1, 1) if features.spans else ()),
-                BIAS_GRAD=bias_grad_mode(p), DOT_PRECISION=p.dot_precision,
-                WIDE_INDEXING=p.wide_indexing)
+                BIAS_GRAD=bias_grad_mode(p), BATCH_INNER=p.batch_inner,
+                BATCH=p.batch if p.batch_inner else 1,  # unused otherwise: no recompiles
+                DOT_PRECISION=p.dot_precision, WIDE_INDEXING=p.wide_indexing)
 
 
 # The feature operands (features.Operands) in the order the score kernels take them.
@@ -289,6 +300,14 @@ def _grid(p, fast, middle, slow):
     return (fast * middle * slow,) if p.wide_indexing else (fast, middle, slow)
 
 
+def _flash_grid(p, blocks, heads):
+    """`blocks` programs for each batch·head (`heads` per batch element), with the batch
+    innermost where Problem.batch_inner (kernels/tiles.py block_coords)."""
+    if p.batch_inner:
+        return _grid(p, blocks * p.batch, 1, heads)
+    return _grid(p, blocks, 1, p.batch * heads)
+
+
 QUERY_SHAPED = ("Q", "O", "DO")  # the rest ("K", "V") are key-shaped
 
 
@@ -318,7 +337,7 @@ def _layout_shape(p, seq, heads):
 def _flash_plan(p):
     metaparams = dict(SCALE=p.scale, BLOCK_D=p.block_d, **_common_constexprs(p),
                       **_stride_constexprs(p, "Q", "K", "V", "O"))
-    grid = lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads)
+    grid = lambda meta: _flash_grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.num_heads)
     return [Launch(flash_forward._flash_forward_kernel, ("q", "k", "v") + SCORE_INPUTS,
                    _output_buffers(p), grid, metaparams)]
 
@@ -484,14 +503,13 @@ def _flash_backward_plan(p):
         flash_backward._flash_query_grads_kernel,
         ("q", "k", "v", "out", "dout", "lse", "dlse") + SCORE_INPUTS,
         _grad_buffers(p, "dq") + (_delta_buffer(p, p.batch * p.num_heads), bias_grad_buffer(p)),
-        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, p.batch * p.num_heads),
+        lambda meta: _flash_grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.num_heads),
         dict(metaparams, **_stride_constexprs(p, "O")))
     key_grads = Launch(
         flash_backward._flash_key_grads_kernel,
         ("q", "k", "v", "dout", "lse", "delta") + FEATURE_INPUTS,
         _grad_buffers(p, "dk", "dv"),
-        lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]), 1,
-                           p.batch * p.num_kv_heads),
+        lambda meta: _flash_grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]), p.num_kv_heads),
         metaparams)
     return [query_grads, key_grads]
 

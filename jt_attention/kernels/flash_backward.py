@@ -25,7 +25,7 @@ import triton.language as tl
 
 from jt_attention.kernels import masking
 from jt_attention.kernels.backward_preprocess import load_row_stats, load_rows
-from jt_attention.kernels.tiles import grid_coords, load_tile, row_step, store_tile, tile_ptrs
+from jt_attention.kernels.tiles import block_coords, load_tile, row_step, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -80,15 +80,17 @@ def _flash_key_grads_kernel(
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
-    SPANS: tl.constexpr,
+    SPANS: tl.constexpr, BATCH: tl.constexpr, BATCH_INNER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """programs (cdiv(SEQ_K, BLOCK_N), batch * NUM_KV_HEADS); dk and dv are shaped like k."""
+    """programs (cdiv(SEQ_K, BLOCK_N), batch * NUM_KV_HEADS), or tiles.block_coords'
+    batch-inner grid; dk and dv are shaped like k."""
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP
     KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
-    key_block, _, batch_kv_head = grid_coords(KEY_BLOCKS, 1, WIDE_INDEXING)
+    key_block, batch_kv_head = block_coords(KEY_BLOCKS, NUM_KV_HEADS, BATCH, BATCH_INNER,
+                                            WIDE_INDEXING)
     start_n = key_block * BLOCK_N
     batch = batch_kv_head // NUM_KV_HEADS
     kv_head = batch_kv_head % NUM_KV_HEADS
@@ -204,16 +206,19 @@ def _flash_query_grads_kernel(
     STRIDE_DOB: tl.constexpr, STRIDE_DOS: tl.constexpr, STRIDE_DOH: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
-    SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr, BATCH: tl.constexpr,
+    BATCH_INNER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); dq is shaped like q; delta
-    (written for the key-grads kernel) and dlse are [batch * NUM_HEADS, SEQ_Q] fp32;
-    dbias is the bias's shape (plan.bias_grad_buffer), written where BIAS_GRAD."""
+    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS), or tiles.block_coords'
+    batch-inner grid; dq is shaped like q; delta (written for the key-grads kernel) and
+    dlse are [batch * NUM_HEADS, SEQ_Q] fp32; dbias is the bias's shape
+    (plan.bias_grad_buffer), written where BIAS_GRAD."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+    row_block, batch_head = block_coords(ROW_BLOCKS, NUM_HEADS, BATCH, BATCH_INNER,
+                                         WIDE_INDEXING)
     start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS

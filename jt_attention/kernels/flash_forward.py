@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from jt_attention.kernels import masking
-from jt_attention.kernels.tiles import (grid_coords, load_tile, longest_first_coords, row_step,
+from jt_attention.kernels.tiles import (block_coords, load_tile, longest_first_coords, row_step,
                                         store_tile, tile_ptrs)
 
 
@@ -111,18 +111,20 @@ def _flash_forward_kernel(
     STRIDE_OB: tl.constexpr, STRIDE_OS: tl.constexpr, STRIDE_OH: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
-    SPANS: tl.constexpr,
+    SPANS: tl.constexpr, BATCH: tl.constexpr, BATCH_INNER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS); lse is [batch, NUM_HEADS, SEQ_Q] fp32.
-    The feature operands (bias to key_spans) are plan.FEATURE_INPUTS."""
+    """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS), or tiles.block_coords' batch-inner
+    grid; lse is [batch, NUM_HEADS, SEQ_Q] fp32. The feature operands (bias to key_spans)
+    are plan.SCORE_INPUTS."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
     if IS_CAUSAL:  # later row blocks see more keys
         row_block, batch_head = longest_first_coords(ROW_BLOCKS, WIDE_INDEXING)
     else:
-        row_block, _, batch_head = grid_coords(ROW_BLOCKS, 1, WIDE_INDEXING)
+        row_block, batch_head = block_coords(ROW_BLOCKS, NUM_HEADS, BATCH, BATCH_INNER,
+                                             WIDE_INDEXING)
     start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS

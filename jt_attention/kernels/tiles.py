@@ -37,6 +37,22 @@ def grid_coords(FAST: tl.constexpr, MIDDLE: tl.constexpr, WIDE_INDEXING: tl.cons
 
 
 @triton.jit
+def block_coords(BLOCKS: tl.constexpr, HEADS: tl.constexpr, BATCH: tl.constexpr,
+                 BATCH_INNER: tl.constexpr, WIDE_INDEXING: tl.constexpr):
+    """(block, batch·head) of a program launched as grid_coords(BLOCKS, 1, BATCH * HEADS),
+    or, BATCH_INNER (plan.Problem.batch_inner), as grid_coords(BLOCKS * BATCH, 1, HEADS):
+    the batch varies fastest there, so the programs that read the same blocks of a bias
+    or mask that the batch shares run together, and all but the first read them from L2."""
+    if BATCH_INNER:
+        fast, _, head = grid_coords(BLOCKS * BATCH, 1, WIDE_INDEXING)
+        block = fast // BATCH
+        batch_head = (fast % BATCH) * HEADS + head
+    else:
+        block, _, batch_head = grid_coords(BLOCKS, 1, WIDE_INDEXING)
+    return block, batch_head
+
+
+@triton.jit
 def longest_first_coords(BLOCKS: tl.constexpr, WIDE_INDEXING: tl.constexpr):
     """(row block, batch·head) of this program in a causal grid launched like
     grid_coords(BLOCKS, 1, WIDE_INDEXING), where later row blocks see more keys.
