@@ -8,8 +8,12 @@
         --dtype bfloat16 --bias heads --window 256,0 --causal
     python examples/benchmark.py --preset features --mode fwd_bwd --dtype bfloat16
 
+On a machine without a CUDA GPU, jt runs the same kernels in Triton's interpreter
+(needs torch), the default peers are xla and unfused, and the default shape is small
+(B=1 H=2 S=128 D=64): a check that the benchmark and the kernels run, not a timing.
+
 Implementations (--impls):
-  jt          jt_attention.dot_product_attention (Triton kernels)
+  jt          jt_attention.dot_product_attention (Triton kernels; interpreted on a CPU)
   xla         jax.nn.dot_product_attention(implementation='xla')
   cudnn       jax.nn.dot_product_attention(implementation='cudnn'), head_dim <= 256
   unfused     einsum, softmax, einsum, all in the input dtype, under jit
@@ -41,6 +45,7 @@ implementation that fails is recorded as NaN with its reason.
 import functools
 import json
 import math
+import os
 import time
 
 from absl import app, flags
@@ -48,19 +53,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jt_attention
-from jt_attention.plan import Problem
+ON_GPU = any(getattr(d, "compute_capability", None) for d in jax.devices())
+if not ON_GPU:  # Triton's interpreter is chosen before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import jt_attention  # noqa: E402
+from jt_attention.plan import Problem  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch", 32, "batch size")
-flags.DEFINE_integer("num_heads", 32, "query heads")
+flags.DEFINE_integer("batch", 32 if ON_GPU else 1, "batch size")
+flags.DEFINE_integer("num_heads", 32 if ON_GPU else 2, "query heads")
 flags.DEFINE_integer("num_kv_heads", None, "key/value heads (default: num_heads)")
-flags.DEFINE_integer("q_len", 512, "query length")
+flags.DEFINE_integer("q_len", 512 if ON_GPU else 128, "query length")
 flags.DEFINE_integer("kv_len", None, "key/value length (default: q_len)")
-flags.DEFINE_integer("head_dim", 1024, "head dim")
-flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "input dtype")
+flags.DEFINE_integer("head_dim", 1024 if ON_GPU else 64, "head dim")
+flags.DEFINE_enum("dtype", "float16" if ON_GPU else "float32",  # jax.nn's xla: no fp16 on CPU
+                  ["float16", "bfloat16", "float32"], "input dtype")
 flags.DEFINE_bool("causal", False, "causal mask (top-left aligned)")
-flags.DEFINE_list("impls", ["jt", "xla", "cudnn", "unfused", "torch_bmm"], "implementations")
+IMPLS = ["jt", "xla", "cudnn", "unfused", "torch_bmm"]
+flags.DEFINE_list("impls", IMPLS if ON_GPU else ["jt", "xla", "unfused"],
+                  f"implementations, of {IMPLS}")
 flags.DEFINE_enum("preset", None, ["forward", "large_heads", "common_heads", "training", "decode",
                                    "features"], "run a list of shapes instead of one")
 flags.DEFINE_enum("bias", None, ["heads", "full", "keys"], "add a float32 bias of this shape")
@@ -69,7 +81,10 @@ flags.DEFINE_enum("kv_lengths", None, ["half"], "pad half of each row's keys")
 flags.DEFINE_list("window", None, "local_window_size as left,right")
 flags.DEFINE_float("soft_cap", None, "logits_soft_cap")
 flags.DEFINE_integer("segments", None, "packed documents per row, as segment ids")
+flags.DEFINE_float("dropout", None, "attention dropout rate (jt only: jax.nn has none)")
 flags.DEFINE_list("head_dims", None, "with --preset: only the rows of these head dims")
+flags.DEFINE_string("plot", None, "draw TFLOP/s per implementation and shape to this PNG "
+                    "(needs matplotlib: the `plots` extra)")
 flags.DEFINE_enum("mode", "fwd", ["fwd", "bwd", "fwd_bwd"], "what to time")
 flags.DEFINE_integer("repeats", 7, "timed repeats; the median is reported")
 flags.DEFINE_float("min_repeat_ms", 50.0, "each repeat runs enough calls to last this long")
@@ -122,6 +137,7 @@ FEATURE_PRESET = [
         (b, 16, 2048, 2048, d, False, {}),
         (b, 16, 2048, 2048, d, False, {"bias": "heads"}),
         (b, 16, 2048, 2048, d, False, {"soft_cap": 30.0}),
+        (b, 16, 2048, 2048, d, False, {"dropout": 0.1}),
         (b, 16, 2048, 2048, d, False, {"kv_lengths": "half"}),
         (b, 16, 2048, 2048, d, True, {}),
         (b, 16, 2048, 2048, d, False, {"mask": "causal"}))],
@@ -158,15 +174,19 @@ def feature_arrays(features, batch, heads, q_len, kv_len, key):
         docs = features["segments"]
         ids = lambda n: jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * docs // n, (batch, n))
         kwargs["query_segment_ids"], kwargs["key_value_segment_ids"] = ids(q_len), ids(kv_len)
+    if features.get("dropout"):
+        kwargs["dropout_rate"] = float(features["dropout"])
+        kwargs["dropout_rng"] = jax.random.key(1)
     return kwargs
 
 
 def _as_jax_nn(kwargs):
     """jt's feature keywords for jax.nn: segment ids become the equivalent dense mask; a
-    soft-cap has no equivalent (ValueError)."""
+    soft-cap or dropout has no equivalent (ValueError)."""
     kwargs = dict(kwargs)
-    if "logits_soft_cap" in kwargs:
-        raise ValueError("jax.nn.dot_product_attention has no logits soft-cap")
+    for name in ("logits_soft_cap", "dropout_rate"):
+        if name in kwargs:
+            raise ValueError(f"jax.nn.dot_product_attention has no {name}")
     if "query_segment_ids" in kwargs:
         same = (kwargs.pop("query_segment_ids")[:, None, :, None]
                 == kwargs.pop("key_value_segment_ids")[:, None, None, :])
@@ -176,8 +196,11 @@ def _as_jax_nn(kwargs):
 
 def _unfused(q, k, v, scale, causal, bias=None, mask=None, query_seq_lengths=None,
              key_value_seq_lengths=None, local_window_size=None, logits_soft_cap=None,
-             query_segment_ids=None, key_value_segment_ids=None):
+             query_segment_ids=None, key_value_segment_ids=None, dropout_rate=None,
+             dropout_rng=None):
     """What a careful user writes by hand: einsum, softmax, einsum, in the input dtype."""
+    if dropout_rate:
+        raise ValueError("the unfused baseline has no dropout")
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     logits = jnp.einsum("btnh,bsnh->bnts", q, k) * jnp.asarray(scale, q.dtype)
@@ -198,7 +221,8 @@ def _jax_impls(problem, kwargs):
         q, k, v, scale=scale, is_causal=causal, implementation=impl, **_as_jax_nn(kwargs)))
     return {
         "jt": lambda q, k, v: jt_attention.dot_product_attention(
-            q, k, v, scale=scale, is_causal=causal, implementation="triton", **kwargs),
+            q, k, v, scale=scale, is_causal=causal,
+            implementation="triton" if ON_GPU else "interpret", **kwargs),
         "xla": nn("xla"),
         "cudnn": nn("cudnn"),
         "unfused": lambda q, k, v: _unfused(q, k, v, scale, causal, **kwargs),
@@ -331,14 +355,16 @@ def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, caus
     v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
     dout = jax.random.normal(keys[3], q.shape, dtype)
     kwargs = feature_arrays(features, batch, heads, q_len, kv_len, keys[4])
+    shape = dict(batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len,
+                 head_dim=head_dim, dtype=str(np.dtype(dtype)), causal=causal,
+                 features=_feature_label(features), mode=mode, gpu=jax.devices()[0].device_kind)
+    print(f"{_shape_label(shape)}: the fp32 reference", flush=True)
     ref = _reference(q, k, v, dout, problem, mode, kwargs)
     jax_impls = _jax_impls(problem, kwargs)
     rows = []
     for name in impls:
-        row = dict(impl=name, batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len,
-                   kv_len=kv_len, head_dim=head_dim, dtype=str(np.dtype(dtype)), causal=causal,
-                   features=_feature_label(features), mode=mode,
-                   gpu=jax.devices()[0].device_kind)
+        print(f"  {name} ...", flush=True)
+        row = dict(impl=name, **shape)
         try:
             jitted = None
             if name == "torch_bmm":
@@ -386,6 +412,9 @@ def _format(row):
 
 def main(argv):
     del argv
+    unknown = sorted(set(FLAGS.impls) - set(IMPLS))
+    if unknown:
+        raise app.UsageError(f"--impls: unknown {unknown}; choose from {IMPLS}")
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.preset == "features":
         shapes = [(b, h, sq, sk, d, c, None, f) for b, h, sq, sk, d, c, f in FEATURE_PRESET]
@@ -403,7 +432,9 @@ def main(argv):
         kv_heads = kv_heads or FLAGS.num_kv_heads or heads
         rows += benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal,
                                 FLAGS.impls, FLAGS.mode, features)
-    print("\nsummary (ms; ratio = jt time / best peer time)")
+    print("\nsummary (ms; ratio = jt time / best peer time)" + (
+        "" if ON_GPU else ": no CUDA GPU, so jt ran in Triton's interpreter, whose time is "
+        "no measure of the kernels"))
     for shape_rows in _group(rows):
         peers = [r for r in shape_rows if r["impl"] != "jt" and r["ok"]]
         jt = next((r for r in shape_rows if r["impl"] == "jt"), None)
@@ -414,11 +445,40 @@ def main(argv):
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if FLAGS.plot:
+        plot(rows, FLAGS.plot)
+
+
+def plot(rows, path):
+    """Grouped bars: TFLOP/s of each implementation at each shape (failed runs left out)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (pip install 'jt_attention[plots]'): no {path}")
+        return
+    groups = _group(rows)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / len(impls)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    for i, impl in enumerate(impls):
+        values = [next((r["tflops"] for r in g if r["impl"] == impl and r["ok"]), 0.0)
+                  for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=impl)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([_shape_label(g[0]).replace(" ", "\n", 4) for g in groups], fontsize=7)
+    ax.set(ylabel="TFLOP/s", title=f"{rows[0]['gpu']}, {rows[0]['mode']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def _flag_features():
     flags_given = dict(bias=FLAGS.bias, mask=FLAGS.mask, kv_lengths=FLAGS.kv_lengths,
-                       window=FLAGS.window, soft_cap=FLAGS.soft_cap, segments=FLAGS.segments)
+                       window=FLAGS.window, soft_cap=FLAGS.soft_cap, segments=FLAGS.segments,
+                       dropout=FLAGS.dropout)
     return {k: v for k, v in flags_given.items() if v}
 
 

@@ -25,7 +25,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                           local_window_size=None, implementation=None, return_residual=False,
                           logits_soft_cap=None, query_segment_ids=None,
-                          key_value_segment_ids=None):
+                          key_value_segment_ids=None, dropout_rate=0.0, dropout_rng=None,
+                          broadcast_dropout=False):
     """Scaled dot-product attention, a drop-in for `jax.nn.dot_product_attention`.
 
     out = softmax(scale * query . key^T + bias, masked) . value, per head.
@@ -59,6 +60,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         [batch..., q_len] and [batch..., kv_len]; a query sees a key only where their
         ids are equal (packed sequences). Ids in runs (non-decreasing) let the kernels
         skip blocks; any other order is still exact, but slower.
+      dropout_rate, dropout_rng, broadcast_dropout (keyword only, beyond jax.nn):
+        attention dropout after the softmax, as Flax applies it: each probability is
+        kept with probability 1 - dropout_rate and scaled by 1 / (1 - dropout_rate).
+        dropout_rng is a jax.random key; the kernels draw the mask from it and each
+        element's position (Philox), and the backward draws it again, so no mask is
+        stored. broadcast_dropout: one mask for every batch element and head (Flax's
+        default). The 'xla' path draws the same mask (features.dropout_keep).
 
     Every feature combines with every other, with grouped-query attention and with
     q_len != kv_len. One difference from jax.nn: a query row that sees no key at all
@@ -80,19 +88,42 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     custom_vjp function"; use reverse mode. Works under jax.vmap: the mapped axis
     folds into the batch, so one launch serves the whole map.
     """
+    out, lse = attention_and_logsumexp(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, implementation=implementation,
+        logits_soft_cap=logits_soft_cap, query_segment_ids=query_segment_ids,
+        key_value_segment_ids=key_value_segment_ids, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout)
+    return (out, lse.astype(query.dtype)) if return_residual else out
+
+
+def attention_and_logsumexp(query, key, value, bias=None, mask=None, *, scale=None,
+                            is_causal=False, query_seq_lengths=None,
+                            key_value_seq_lengths=None, local_window_size=None,
+                            implementation=None, logits_soft_cap=None, query_segment_ids=None,
+                            key_value_segment_ids=None, dropout_rate=0.0, dropout_rng=None,
+                            broadcast_dropout=False):
+    """dot_product_attention's arguments -> (out, logsumexp): the logsumexp in float32,
+    [batch..., q_len, num_heads], differentiable like the output. For merging partial
+    attentions over key blocks (ring attention), which the input dtype would blur."""
     query, key, value, batch_shape = _batched(query, key, value)
     problem = _validated_problem(query, key, value, scale, is_causal, heads_major=False)
     features, arguments = features_lib.prepare(
         batch_shape or (1,), problem.seq_q, problem.seq_k, problem.num_heads, bias, mask,
         query_seq_lengths, key_value_seq_lengths, local_window_size, logits_soft_cap,
-        query_segment_ids, key_value_segment_ids)
+        query_segment_ids, key_value_segment_ids, dropout_rate, dropout_rng, broadcast_dropout)
     problem = dataclasses.replace(problem, features=features)
-    out, lse = _attention(query, key, value, arguments, problem,
-                          resolve_implementation(implementation))
-    lse = jnp.transpose(lse, (0, 2, 1)).astype(query.dtype)  # [B, T, N], as jax.nn
-    out = out.reshape(*batch_shape, *out.shape[1:])
-    lse = lse.reshape(*batch_shape, *lse.shape[1:])
-    return (out, lse) if return_residual else out
+    try:
+        out, lse = _attention(query, key, value, arguments, problem,
+                              resolve_implementation(implementation))
+    except TypeError as error:
+        if "forward-mode" not in str(error):
+            raise
+        raise TypeError(FORWARD_MODE_MESSAGE) from error
+    lse = jnp.transpose(lse, (0, 2, 1))  # [B, T, N], as jax.nn
+    return (out.reshape(*batch_shape, *out.shape[1:]),
+            lse.reshape(*batch_shape, *lse.shape[1:]))
 
 
 def scaled_dot_product_attention(query, key, value, *, scale=None, is_causal=False,
@@ -176,13 +207,38 @@ def _log_once(message, level=logging.INFO):
     logger.log(level, message)
 
 
+FORWARD_MODE_MESSAGE = (
+    "jt_attention.dot_product_attention is differentiable in reverse mode only (jax.grad, "
+    "jax.vjp, jax.jacrev); forward mode (jax.jvp, jax.jacfwd, jax.hessian) is not supported. "
+    "Use reverse mode, or implementation='xla' (pure jnp, every transformation).")
+SECOND_ORDER_MESSAGE = (
+    "jt_attention's backward kernels are not differentiable: grad-of-grad (and the Hessian) "
+    "is not supported. Take first-order reverse-mode gradients (jax.grad, jax.vjp), or use "
+    "implementation='xla' (pure jnp, every order).")
+
+
+def _has_cuda_gpu():
+    try:
+        return any(getattr(d, "compute_capability", None) for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
 def resolve_implementation(implementation):
     """What a call runs: `implementation`, or for None the machine's default (logged once)."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
+        raise ValueError(f"implementation={implementation!r} is not one of "
+                         f"{IMPLEMENTATIONS}: None picks 'triton' on a CUDA GPU, else 'xla'")
+    if implementation == "triton" and not _has_cuda_gpu():
+        raise RuntimeError(
+            "implementation='triton' runs the Triton kernels on a CUDA GPU, and JAX sees "
+            f"none (devices: {[d.platform for d in jax.devices()]}). On a CPU take "
+            "implementation='interpret' (the same kernels in Triton's interpreter: start "
+            "the process with TRITON_INTERPRET=1) or 'xla' (pure jnp); install a CUDA "
+            "jaxlib (pip install 'jt_attention[cuda]') to run the kernels.")
     if implementation is not None:
         return implementation
-    if getattr(jax.devices()[0], "compute_capability", None) is None:
+    if not _has_cuda_gpu():
         _log_once("jt_attention: no CUDA GPU, so implementation=None runs the XLA reference "
                   "(pure jnp), not the Triton kernels", logging.WARNING)
         return "xla"
@@ -202,7 +258,9 @@ def _reference(query, key, value, arguments, problem):
         local_window_size=None if features.window == (-1, -1) else features.window,
         logits_soft_cap=features.soft_cap or None,
         query_segment_ids=arguments.query_segment_ids,
-        key_value_segment_ids=arguments.key_value_segment_ids)
+        key_value_segment_ids=arguments.key_value_segment_ids,
+        dropout_rate=features.dropout_rate, dropout_rng=arguments.dropout_rng,
+        broadcast_dropout=features.dropout_broadcast)
     return (jnp.swapaxes(out, 1, 2) if problem.heads_major else out), lse
 
 
@@ -238,9 +296,31 @@ FORWARD_INPUTS = ("q", "k", "v") + FEATURE_INPUTS
 def _kernel_forward(query, key, value, bias, others, problem, implementation, for_backward):
     """(out, lse, *kept): `kept` are the buffers a backward pass reuses (plan.kept_buffers),
     written only `for_backward`."""
+    return _forward_kernels(problem, implementation, for_backward, query, key, value, bias,
+                            *others)
+
+
+# The launches are custom_jvp functions only so that differentiating them (grad of grad,
+# where JAX differentiates the custom_vjp's own rules) names the limit; JAX would blame
+# a pure_callback or a kernel call.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _forward_kernels(problem, implementation, for_backward, *arrays):
     launch = functools.partial(_launch_forward, for_backward=for_backward)
-    return tuple(_foldable(launch, problem, implementation, FORWARD_INPUTS)(
-        query, key, value, bias, *others))
+    return tuple(_foldable(launch, problem, implementation, FORWARD_INPUTS)(*arrays))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _backward_kernels(problem, implementation, *arrays):
+    return tuple(_foldable(_launch_backward, problem, implementation,
+                           backward_inputs(problem))(*arrays))
+
+
+def _second_order(*_):
+    raise NotImplementedError(SECOND_ORDER_MESSAGE)
+
+
+_forward_kernels.defjvp(_second_order)
+_backward_kernels.defjvp(_second_order)
 
 
 def _launch_forward(problem, implementation, *arrays, for_backward):
@@ -274,9 +354,8 @@ def _kernel_attention_bwd(problem, implementation, residuals, cotangents):
     dout, dlse = (jnp.zeros(c.aval.shape, c.aval.dtype) if isinstance(c, SymbolicZero) else c
                   for c in cotangents)
     cotangents = (dout.astype(problem.dtype), dlse.astype(jnp.float32))
-    grads = _foldable(_launch_backward, problem, implementation, backward_inputs(problem))(
-        *residuals, *cotangents)
-    dq, dk, dv, *bias_grad = grads
+    dq, dk, dv, *bias_grad = _backward_kernels(problem, implementation, *residuals,
+                                               *cotangents)
     return dq, dk, dv, _bias_grad(bias_grad, residuals[3]), None
 
 
@@ -338,13 +417,19 @@ def _fold(x, mapped, axis_size, batch, keep_broadcast):
 
 def _folded_problem(problem, axis_size, arrays):
     """`problem` for the folded arrays: a wider batch, and the feature operands' new
-    shapes."""
+    shapes. Dropout streams restart every `problem.batch` elements (what one call per
+    element of the map draws), with a seed per batch element where the key is mapped
+    (kernels/masking.py dropout_multiplier)."""
     features = problem.features
+    stream_batch = abs(features.dropout_seed_batch) or problem.batch
+    per_batch_seeds = arrays["dropout_seed"].shape[0] > 1
     features = dataclasses.replace(
         features,
         bias=tuple(arrays["bias"].shape) if features.bias else (),
         mask=tuple(arrays["mask"].shape) if features.mask else (),
-        spans=tuple(arrays["key_spans"].shape[:2]) if features.spans else ())
+        spans=tuple(arrays["key_spans"].shape[:2]) if features.spans else (),
+        dropout_seed_batch=(-stream_batch if per_batch_seeds else stream_batch)
+        if features.dropout_rate else 0)
     return dataclasses.replace(problem, batch=axis_size * problem.batch, features=features)
 
 

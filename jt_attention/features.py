@@ -7,7 +7,11 @@ Query i sees key j (positions top-left aligned, as in jax.nn) iff all of these h
   - segments: query_segment_ids[b, i] == key_value_segment_ids[b, j]
   - mask:     mask[b, n, i, j]                         (broadcast as jax.nn does)
 and its logit is cap * tanh((scale * q.k + bias[b, n, i, j]) / cap), or without the
-cap where none is given. A row that sees no key returns 0 (logsumexp -inf).
+cap where none is given. A row that sees no key returns 0 (logsumexp -inf). Dropout
+multiplies each probability by keep / (1 - rate) after the softmax; whether element
+(b, n, i, j) is kept is a pure function of the seed and its position (`dropout_keep`,
+the same Philox stream the kernels draw), so the backward draws it again and no mask
+is stored; with broadcast dropout every batch element and head shares it.
 
 `prepare` checks the arguments of `dot_product_attention` and returns the static
 `Features`, which join plan.Problem, and the `Arguments` (the reference takes them as
@@ -49,10 +53,14 @@ class Features:
     segments: bool = False
     spans: tuple = ()
     bias_grad: bool = False
+    dropout_rate: float = 0.0
+    dropout_broadcast: bool = False  # one mask for every batch element and head
+    dropout_seed_batch: int = 0  # under jax.vmap: masking.dropout_multiplier's SEED_BATCH
 
     @property
-    def any(self):
-        return self != Features() and self != Features(bias_grad=self.bias_grad)
+    def dropout_threshold(self):
+        """Philox words below this are dropped (0: no dropout)."""
+        return dropout_threshold(self.dropout_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +76,10 @@ class Operands:
     key_spans: jax.Array
     query_spans: jax.Array
 
-    NAMES = ("bias", "mask", "query_segments", "key_segments", "key_spans", "query_spans")
+    dropout_seed: jax.Array
+
+    NAMES = ("bias", "mask", "query_segments", "key_segments", "key_spans", "query_spans",
+             "dropout_seed")
 
     def arrays(self):
         return tuple(getattr(self, name) for name in self.NAMES)
@@ -89,7 +100,7 @@ def placeholder(dtype):
 def no_operands():
     """The feature operands of a call with no masks or score modifiers, by plan name."""
     return dict(zip(Operands.NAMES, (placeholder(dtype) for dtype in (
-        jnp.float32, jnp.bool_, jnp.int32, jnp.int32, jnp.int32, jnp.int32))))
+        jnp.float32, jnp.bool_, jnp.int32, jnp.int32, jnp.int32, jnp.int32, jnp.int32))))
 
 
 def _as_4d(name, array, problem_shape):
@@ -162,11 +173,12 @@ class Arguments:
     key_value_seq_lengths: jax.Array = None
     query_segment_ids: jax.Array = None
     key_value_segment_ids: jax.Array = None
+    dropout_rng: jax.Array = None  # a jax.random key, where dropout is on
 
 
 def prepare(batch_shape, seq_q, seq_k, num_heads, bias, mask, query_seq_lengths,
             key_value_seq_lengths, local_window_size, logits_soft_cap, query_segment_ids,
-            key_value_segment_ids):
+            key_value_segment_ids, dropout_rate=0.0, dropout_rng=None, broadcast_dropout=False):
     """(Features, Arguments) for a call whose query has leading batch dims `batch_shape`
     (folded into one), after checking every argument; the spans are left to
     kernel_operands."""
@@ -182,7 +194,8 @@ def prepare(batch_shape, seq_q, seq_k, num_heads, bias, mask, query_seq_lengths,
         query_segment_ids=fold(_int_array("query_segment_ids", query_segment_ids,
                                           (*batch_shape, seq_q))),
         key_value_segment_ids=fold(_int_array("key_value_segment_ids", key_value_segment_ids,
-                                              (*batch_shape, seq_k))))
+                                              (*batch_shape, seq_k))),
+        dropout_rng=_checked_dropout(dropout_rate, dropout_rng))
     if (arguments.query_segment_ids is None) != (arguments.key_value_segment_ids is None):
         raise ValueError("query_segment_ids and key_value_segment_ids must be given together")
     if arguments.mask is not None and arguments.mask.dtype != jnp.bool_:
@@ -197,7 +210,9 @@ def prepare(batch_shape, seq_q, seq_k, num_heads, bias, mask, query_seq_lengths,
         bias=() if bias is None else tuple(bias.shape),
         bias_dtype=np.dtype(bias.dtype if bias is not None else np.float32),
         mask=() if mask is None else tuple(mask.shape),
-        segments=arguments.query_segment_ids is not None)
+        segments=arguments.query_segment_ids is not None,
+        dropout_rate=float(dropout_rate) if arguments.dropout_rng is not None else 0.0,
+        dropout_broadcast=bool(broadcast_dropout))
     return features, arguments
 
 
@@ -211,11 +226,84 @@ def kernel_operands(features, arguments, problem_shape):
     given = dict(bias=a.bias, mask=a.mask, query_segments=a.query_segment_ids,
                  key_segments=a.key_value_segment_ids,
                  key_spans=None if spans is None else spans[0],
-                 query_spans=None if spans is None else spans[1])
+                 query_spans=None if spans is None else spans[1],
+                 dropout_seed=dropout_seed(features.dropout_rate, a.dropout_rng))
     return features, Operands(**{name: array for name, array in no_operands().items()
                                  if given[name] is None},
                               **{name: array for name, array in given.items()
                                  if array is not None})
+
+
+def _checked_dropout(rate, rng):
+    """`rng` where dropout is on (rate > 0), after checking both; None otherwise."""
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool):
+        raise TypeError(f"dropout_rate must be a float in [0, 1), got {type(rate).__name__}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate={rate} must be in [0, 1)")
+    if rate == 0.0:
+        return None
+    if rng is None:
+        raise ValueError(f"dropout_rate={rate} needs a dropout_rng (a jax.random key)")
+    return rng
+
+
+def dropout_seed(rate, rng):
+    """The kernels' seed, int32 [1], drawn from `rng` (a jax.random key); None without
+    dropout (rate 0, or no rng)."""
+    if not rate or rng is None:
+        return None
+    bits = jax.random.bits(rng, (1,), jnp.uint32)
+    return jax.lax.bitcast_convert_type(bits, jnp.int32)
+
+
+def dropout_threshold(rate):
+    """Philox words below this are dropped: rate of the 2**32 words (0: no dropout)."""
+    return min(int(round(rate * 2.0**32)), 2**32 - 1)
+
+
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _umulhi(a, b):
+    """High 32 bits of a * b for uint32 arrays, in 16-bit halves (no uint64 needed)."""
+    a0, a1, b0, b1 = a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16
+    low = a0 * b0
+    middle = a1 * b0 + (low >> 16)
+    middle2 = a0 * b1 + (middle & 0xFFFF)
+    return a1 * b1 + (middle >> 16) + (middle2 >> 16)
+
+
+def philox(c0, c1, c2, seed):
+    """First word of Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0), uint32
+    arrays: the jnp twin of kernels/masking._philox."""
+    u32 = lambda x: (jnp.asarray(x, jnp.uint32) if isinstance(x, int)
+                     else jnp.asarray(x).astype(jnp.uint32))
+    c0, c1, c2, c3 = u32(c0), u32(c1), u32(c2), u32(0)
+    k0, k1 = u32(seed), u32(0)
+    for _ in range(10):
+        previous_c0, previous_c2 = c0, c2
+        c0 = _umulhi(u32(PHILOX_ROUND_B), previous_c2) ^ c1 ^ k0
+        c2 = _umulhi(u32(PHILOX_ROUND_A), previous_c0) ^ c3 ^ k1
+        c1 = u32(PHILOX_ROUND_B) * previous_c2
+        c3 = u32(PHILOX_ROUND_A) * previous_c0
+        k0, k1 = k0 + u32(PHILOX_KEY_A), k1 + u32(PHILOX_KEY_B)
+    return c0
+
+
+def dropout_keep(seed, shape, rate, broadcast):
+    """Boolean [B, N, T, S] (or [1, 1, T, S] if `broadcast`): whether dropout keeps each
+    probability. Element (b, n, i, j) draws Philox word (i * S + j, stream b * N + n)
+    with the call's seed (int32 [1]); the kernels draw the same."""
+    batch, heads, seq_q, seq_k = (1, 1, *shape[2:]) if broadcast else shape
+    rows = jnp.arange(seq_q, dtype=jnp.uint32)[:, None]
+    cols = jnp.arange(seq_k, dtype=jnp.uint32)[None, :]
+    low = rows * jnp.uint32(seq_k)
+    position = low + cols
+    high = _umulhi(rows, jnp.uint32(seq_k)) + (position < low).astype(jnp.uint32)
+    stream = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1, 1)
+    word = philox(position, high, stream, jax.lax.bitcast_convert_type(seed[0], jnp.uint32))
+    return word >= jnp.uint32(dropout_threshold(rate))
 
 
 def _dense_operand(name, array, batch_shape, problem_shape):

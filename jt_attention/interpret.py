@@ -10,6 +10,8 @@ Block sizes here are small on purpose: the tests' short sequences then still
 cross several blocks and score tiles, so every masked and unmasked path runs.
 """
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,10 +106,21 @@ def _patch_language_once_per_launch():
 
 
 def _require_interpreter():
+    from jt_attention.kernels.flash_forward import _flash_forward_kernel
+    from triton.runtime.interpreter import InterpretedFunction
+
     if not interpreter_enabled():
         raise RuntimeError("implementation='interpret' runs Triton's interpreter, which must be "
                            "chosen before triton is imported: set TRITON_INTERPRET=1 in the "
                            "environment (e.g. `TRITON_INTERPRET=1 python app.py`)")
+    if not isinstance(_flash_forward_kernel, InterpretedFunction):
+        # Triton picks the interpreter as each @triton.jit decorates: set later, the
+        # flag is seen but the kernels were already built for the GPU.
+        raise RuntimeError("implementation='interpret': TRITON_INTERPRET=1 was set after "
+                           "triton (or jt_attention) was imported, so the kernels were built "
+                           "for the GPU. Set it in the environment before the process starts "
+                           "(`TRITON_INTERPRET=1 python app.py`), or in os.environ before the "
+                           "first import of triton, jax_triton or jt_attention.")
     try:
         import torch  # noqa: F401
     except ImportError as err:
@@ -146,8 +159,19 @@ def _unwritten(dtype):
     return _empty_poisoned(Buffer("unwritten", (1,), dtype))
 
 
+# Triton's interpreter patches triton.language module-wide for each launch, so two
+# launches at once (callbacks from several devices under shard_map) break each other.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def run_interpreted(launches, arrays, blocks=None):
-    """Runs `launches` on numpy `arrays` (name -> array); returns every buffer as numpy."""
+    """Runs `launches` on numpy `arrays` (name -> array); returns every buffer as numpy.
+    One call at a time in a process (_INTERPRETER_LOCK)."""
+    with _INTERPRETER_LOCK:
+        return _run_interpreted(launches, arrays, blocks)
+
+
+def _run_interpreted(launches, arrays, blocks):
     _require_interpreter()
     blocks = INTERPRETER_BLOCKS if blocks is None else blocks
     buffers = {name: _to_torch(array) for name, array in arrays.items()}

@@ -13,7 +13,7 @@ import numpy as np
 import triton
 
 from jt_attention import tuning
-from jt_attention.features import Features, layout
+from jt_attention.features import Features, Operands, layout
 from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
                                   probs_matmul, split_kv_forward, two_pass_backward,
                                   two_pass_forward)
@@ -91,10 +91,10 @@ class Problem:
         workload): the residuals then stay O(B·H·S·D), and the backward skips
         recomputing Q.K^T over the whole head dim (a fifth of its FLOPs; 1.0 ms of
         7.4 on the seed workload, H100) and writing P itself. With a soft-cap the
-        backward needs the logits themselves (the cap's derivative), so it recomputes
-        them."""
+        backward needs the logits themselves (the cap's derivative), and with dropout
+        the kept P and the dropped P.dO differ, so both recompute."""
         return (not self.uses_flash_kernel and self.seq_k <= self.head_dim
-                and not self.features.soft_cap)
+                and not self.features.soft_cap and not self.features.dropout_rate)
 
     @property
     def whole_rows(self):
@@ -263,13 +263,18 @@ def _common_constexprs(p):
                 MASK_LAYOUT=layout(features.mask), SEGMENTS=features.segments,
                 SPANS=layout(features.spans + (1, 1) if features.spans else ()),
                 BIAS_GRAD=bias_grad_mode(p), BATCH_INNER=p.batch_inner,
+                DROPOUT_THRESHOLD=features.dropout_threshold,
+                DROPOUT_SCALE=1.0 / (1.0 - features.dropout_rate),
+                DROPOUT_BROADCAST=features.dropout_broadcast,
+                DROPOUT_SEED_BATCH=features.dropout_seed_batch,
                 BATCH=p.batch if p.batch_inner else 1,  # unused otherwise: no recompiles
                 DOT_PRECISION=p.dot_precision, WIDE_INDEXING=p.wide_indexing)
 
 
-# The feature operands (features.Operands) in the order the score kernels take them.
-SCORE_INPUTS = ("bias", "mask", "query_segments", "key_segments", "key_spans")
-FEATURE_INPUTS = SCORE_INPUTS + ("query_spans",)
+# The feature operands (features.Operands), in the order the kernels that walk keys
+# (SCORE_INPUTS) and those that walk queries (FEATURE_INPUTS: all of them) take them.
+FEATURE_INPUTS = Operands.NAMES
+SCORE_INPUTS = tuple(name for name in FEATURE_INPUTS if name != "query_spans")
 BIAS_STORE, BIAS_ACCUMULATE = 1, 2  # kernels/masking.py STORE, ACCUMULATE
 
 

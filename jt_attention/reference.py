@@ -13,15 +13,52 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jt_attention import features
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def attention_reference(query, key, value, bias=None, mask=None, *, scale=None,
                         is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                         local_window_size=None, logits_soft_cap=None, query_segment_ids=None,
-                        key_value_segment_ids=None):
+                        key_value_segment_ids=None, dropout_rate=0.0, dropout_rng=None,
+                        broadcast_dropout=False):
     """Returns (out [B, T, N, H] in the input dtype, lse [B, N, T] in the logits dtype,
-    natural log). Differentiable in every floating-point argument, bias included."""
+    natural log). Differentiable in every floating-point argument, bias included.
+    Dropout draws the kernels' mask (features.dropout_keep) from `dropout_rng`."""
+    batch, seq_q, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    group = num_heads // num_kv_heads
+    weights, lse = _grouped_weights(
+        query, key, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+        local_window_size, logits_soft_cap, query_segment_ids, key_value_segment_ids)
+    seed = features.dropout_seed(dropout_rate, dropout_rng)
+    if seed is not None:  # the kernels' mask: same seed, same Philox stream
+        keep = features.dropout_keep(seed, (batch, num_heads, seq_q, key.shape[1]),
+                                     dropout_rate, broadcast_dropout)
+        weights = weights * _grouped(keep, num_kv_heads, group) / (1.0 - dropout_rate)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, value.astype(weights.dtype),
+                     precision=HIGHEST)
+    out = out.reshape(batch, seq_q, num_heads, head_dim).astype(query.dtype)
+    return out, lse.reshape(batch, num_heads, seq_q)
+
+
+def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal=False,
+                      query_seq_lengths=None, key_value_seq_lengths=None,
+                      local_window_size=None, logits_soft_cap=None, query_segment_ids=None,
+                      key_value_segment_ids=None):
+    """The softmax weights [B, N, T, S] of attention_reference (before dropout), in the
+    logits dtype; rows that see no key are 0."""
+    weights, _ = _grouped_weights(
+        query, key, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+        local_window_size, logits_soft_cap, query_segment_ids, key_value_segment_ids)
+    return weights.reshape(weights.shape[0], -1, *weights.shape[3:])
+
+
+def _grouped_weights(query, key, bias, mask, scale, is_causal, query_seq_lengths,
+                     key_value_seq_lengths, local_window_size, logits_soft_cap,
+                     query_segment_ids, key_value_segment_ids):
+    """(softmax weights [B, K, G, T, S], lse [B, K, G, T]), by query head group."""
     batch, seq_q, num_heads, head_dim = query.shape
     seq_k, num_kv_heads = key.shape[1], key.shape[2]
     group = num_heads // num_kv_heads
@@ -44,11 +81,8 @@ def attention_reference(query, key, value, bias=None, mask=None, *, scale=None,
     row_sum = jnp.sum(probs, axis=-1)
     seen = row_sum > 0
     safe_sum = jnp.where(seen, row_sum, 1.0)  # the double where keeps gradients NaN-free
-    out = jnp.einsum("bkgts,bskh->btkgh", probs / safe_sum[..., None], value.astype(dtype),
-                     precision=HIGHEST)
     lse = jnp.where(seen, jnp.log(safe_sum) + row_max, -jnp.inf)
-    out = out.reshape(batch, seq_q, num_heads, head_dim).astype(query.dtype)
-    return out, lse.reshape(batch, num_heads, seq_q)
+    return probs / safe_sum[..., None], lse
 
 
 def visibility(shape, mask=None, is_causal=False, query_seq_lengths=None,

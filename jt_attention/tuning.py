@@ -11,7 +11,7 @@ every kept config for sm_89 and sm_90 and checks the estimate below against the
 compiler's figure.
 
 jax-triton benchmarks the kept configs at the first execution of each jit lowering
-and keeps the fastest (GUIDE.md 3c); the autotune `key` plays no part there.
+and keeps the fastest; the autotune `key` plays no part there.
 JT_ATTENTION_AUTOTUNE=0 in the environment skips that: each launch takes its first
 fitting config (a faster first call, for tests and short jobs).
 """

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 import jt_attention
-from helpers import TOLERANCE, attention_float64, random_inputs, relative_error
+from helpers import (TOLERANCE, attention_float64, kernel_implementation, random_inputs,
+                     relative_error)
+
+_KERNELS = kernel_implementation()
 
 
 def _inputs(q_shape=(2, 8, 4, 64), kv_shape=(2, 12, 4, 64), dtype=np.float16):
@@ -61,6 +64,49 @@ def test_bad_options_raise():
         jt_attention.dot_product_attention(q, k, v, scale="0.1")
     with pytest.raises(TypeError, match="is_causal"):
         jt_attention.dot_product_attention(q, k, v, is_causal="yes")
+
+
+def test_triton_without_gpu_says_what_to_use():
+    if any(getattr(d, "compute_capability", None) for d in jax.devices()):
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(RuntimeError, match="JAX sees none.*implementation='interpret'"):
+        jt_attention.dot_product_attention(*_inputs(), implementation="triton")
+
+
+def test_unknown_implementation_lists_the_choices():
+    with pytest.raises(ValueError, match=r"'cudnn' is not one of \(None, 'triton'"):
+        jt_attention.dot_product_attention(*_inputs(), implementation="cudnn")
+
+
+def test_interpreter_chosen_after_import_is_detected(monkeypatch):
+    """TRITON_INTERPRET=1 set once triton is imported: the kernels are GPU kernels."""
+    from jt_attention.kernels import flash_forward
+    from jt_attention import interpret
+
+    monkeypatch.setattr(interpret, "interpreter_enabled", lambda: True)
+    monkeypatch.setattr(flash_forward, "_flash_forward_kernel", object())
+    with pytest.raises(RuntimeError, match="was set after triton .* was imported"):
+        jt_attention.dot_product_attention(*_inputs(), implementation="interpret")
+
+
+@pytest.mark.parametrize("transform", [
+    lambda f, q: jax.jvp(f, (q,), (q,)),
+    lambda f, q: jax.jacfwd(f)(q),
+])
+def test_forward_mode_names_reverse_mode(transform):
+    q = jnp.ones((1, 8, 2, 16), jnp.float32)
+    f = lambda q: jt_attention.dot_product_attention(q, q, q, implementation=_KERNELS).sum()
+    with pytest.raises(TypeError, match="reverse mode only"):
+        transform(f, q)
+
+
+def test_grad_of_grad_names_the_limit():
+    q = jnp.ones((1, 8, 2, 16), jnp.float32)
+    f = lambda q: jt_attention.dot_product_attention(q, q, q, implementation=_KERNELS).sum()
+    with pytest.raises(NotImplementedError, match="grad-of-grad .* is not supported"):
+        jax.grad(lambda q: jax.grad(f)(q).sum())(q)
+    with pytest.raises(NotImplementedError, match="grad-of-grad"):
+        jax.hessian(f)(q)
 
 
 def test_heads_major_entry_validates():

@@ -171,13 +171,6 @@ def test_heads_major_gradients(head_dim):
         assert relative_error(heads_major(grad), want) < TOLERANCE["float32"], f"d{name} {seed=}"
 
 
-def test_forward_mode_raises():
-    (q, k, v), _ = random_inputs(1, 4, 4, 1, 1, 16, "float32")
-    attend = lambda q: jt_attention.dot_product_attention(q, k, v, implementation=IMPL)
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(attend, (q,), (q,))
-
-
 @pytest.mark.skipif(IMPL != "interpret", reason="runs the GPU block sizes in the interpreter")
 @pytest.mark.parametrize("head_dim,causal,seq_k", [(64, True, 230), (256, False, 230),
                                                    (520, True, 230), (264, False, 300)])

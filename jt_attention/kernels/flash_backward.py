@@ -31,6 +31,9 @@ from jt_attention.kernels.tiles import block_coords, load_tile, row_step, store_
 @triton.jit
 def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m, offs_m,
                     keys, offs_d, spans, q_segments_base, key_segments_base, mask_base, bias_base,
+                    seed_ptr, batch_head,
+                    DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+                    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                     SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                     MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -61,8 +64,17 @@ def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m
                                q_segment[None, :], key_segments_base, mask_base, NUM_HEADS, SEQ_Q,
                                SEQ_K, SEGMENTS, MASK_LAYOUT)
         probs_t = tl.where(keep, probs_t, 0.0)
-    dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision=DOT_PRECISION)
     dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+    if DROPOUT_THRESHOLD:  # dV takes the kept probabilities, dS the kept dP
+        dropped_t = masking.dropout_multiplier(
+            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, rows[None, :],
+            keys[:, None], NUM_HEADS, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+            DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
+        dv = tl.dot((probs_t * dropped_t).to(dout.dtype), dout, dv,
+                    input_precision=DOT_PRECISION)
+        dprobs_t = dprobs_t * dropped_t
+    else:
+        dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision=DOT_PRECISION)
     dscores_t = probs_t * (dprobs_t - delta[None, :]) * cap_grad_t
     return tl.dot(dscores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION), dv
 
@@ -70,7 +82,7 @@ def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m
 @triton.jit
 def _flash_key_grads_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, mask_ptr, q_segments_ptr,
-    k_segments_ptr, key_spans_ptr, query_spans_ptr, dk_ptr, dv_ptr,
+    k_segments_ptr, key_spans_ptr, query_spans_ptr, dropout_seed_ptr, dk_ptr, dv_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -81,6 +93,8 @@ def _flash_key_grads_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr, BATCH: tl.constexpr, BATCH_INNER: tl.constexpr,
+    DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -131,21 +145,24 @@ def _flash_key_grads_kernel(
             dk, dv = _key_grads_step(
                 dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
                 start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
-                bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                bias_base, dropout_seed_ptr, batch * NUM_HEADS + head, DROPOUT_THRESHOLD,
+                DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
                 BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION)
         for start_m in range(full_start, full_end, BLOCK_M):
             dk, dv = _key_grads_step(
                 dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
                 start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
-                bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                bias_base, dropout_seed_ptr, batch * NUM_HEADS + head, DROPOUT_THRESHOLD,
+                DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
                 BLOCK_D, STRIDE_QS, STRIDE_DOS, False, RAGGED_ROWS, DOT_PRECISION)
         for start_m in range(full_end, stop, BLOCK_M):
             dk, dv = _key_grads_step(
                 dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
                 start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
-                bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                bias_base, dropout_seed_ptr, batch * NUM_HEADS + head, DROPOUT_THRESHOLD,
+                DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
                 BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION)
 
@@ -159,7 +176,9 @@ def _flash_key_grads_kernel(
 @triton.jit
 def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n,
                       offs_d, batch, head, lo, hi, q_segment, key_segments_base, mask_base,
-                      bias_base,
+                      bias_base, seed_ptr,
+                      DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+                      DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                       SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                       BIAS_GRAD: tl.constexpr, MASK_LAYOUT: tl.constexpr,
                       SEGMENTS: tl.constexpr, SPANS: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -185,6 +204,10 @@ def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_
                                SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
         probs = tl.where(keep, probs, 0.0)
     dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT_THRESHOLD:  # the kept dP
+        dprobs = dprobs * masking.dropout_multiplier(
+            seed_ptr, batch, head, rows[:, None], cols[None, :], NUM_HEADS, SEQ_Q, SEQ_K,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
     dlogits = probs * (dprobs - delta[:, None]) * cap_grad
     if BIAS_GRAD:
         masking.store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, BIAS_GRAD,
@@ -195,7 +218,8 @@ def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_
 @triton.jit
 def _flash_query_grads_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, dlse_ptr, bias_ptr, mask_ptr,
-    q_segments_ptr, k_segments_ptr, key_spans_ptr, dq_ptr, delta_ptr, dbias_ptr,
+    q_segments_ptr, k_segments_ptr, key_spans_ptr, dropout_seed_ptr, dq_ptr, delta_ptr,
+    dbias_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -208,6 +232,8 @@ def _flash_query_grads_kernel(
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr, BATCH: tl.constexpr,
     BATCH_INNER: tl.constexpr,
+    DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -262,21 +288,27 @@ def _flash_query_grads_kernel(
     for start_n in range(start, full_start, BLOCK_N):
         dq = _query_grads_step(
             dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
-            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base, SCALE,
+            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
+            dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+            DROPOUT_SEED_BATCH, SCALE,
             SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
             WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
             STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION)
     for start_n in range(full_start, full_end, BLOCK_N):
         dq = _query_grads_step(
             dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
-            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base, SCALE,
+            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
+            dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+            DROPOUT_SEED_BATCH, SCALE,
             SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
             WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
             STRIDE_VS, False, False, DOT_PRECISION)
     for start_n in range(full_end, stop, BLOCK_N):
         dq = _query_grads_step(
             dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
-            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base, SCALE,
+            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
+            dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+            DROPOUT_SEED_BATCH, SCALE,
             SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
             WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
             STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION)

@@ -4,7 +4,7 @@ One program owns BLOCK_M query rows of one (batch, head) and streams the keys an
 values in BLOCK_N blocks with an online softmax (FlashAttention-2), so the Sq x Sk
 score matrix never reaches HBM. Shapes, strides and the scale are constexprs: the
 compiler then knows every alignment, which jax-triton's plain integer arguments
-would hide (GUIDE.md 3a).
+would hide (jax-triton specializes no integer argument).
 
 The key blocks come from masking.key_blocks: blocks no row of the program sees are
 never loaded, and only the masked stretches evaluate the element predicate.
@@ -23,7 +23,10 @@ from jt_attention.kernels.tiles import (block_coords, load_tile, longest_first_c
 
 @triton.jit
 def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d,
-                  lo, hi, q_segment, key_segments_base, mask_base, bias_base,
+                  lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
+                  batch_head,
+                  DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+                  DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                   SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                   MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -35,7 +38,9 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, of
     """One online-softmax step over keys [start_n, start_n + BLOCK_N).
 
     queries: the rows' query positions. MASKED applies masking.visible to the scores;
-    RAGGED_KEYS also bounds the K/V loads (the block may cross SEQ_K)."""
+    RAGGED_KEYS also bounds the K/V loads (the block may cross SEQ_K). With dropout the
+    row sums take every probability and P.V the kept ones, scaled (batch_head: the
+    rows' batch·head, for the dropout stream)."""
     cols = start_n + offs_n
     k = load_tile(k_ptrs + row_step(start_n, STRIDE_KS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
@@ -54,6 +59,11 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, of
     probs = tl.math.exp2(scores - exp_base[:, None])
     rescale = tl.math.exp2(row_max - exp_base)
     row_sum = row_sum * rescale + tl.sum(probs, 1)
+    if DROPOUT_THRESHOLD:
+        probs = probs * masking.dropout_multiplier(
+            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, queries[:, None],
+            cols[None, :], NUM_HEADS, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+            DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
     v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, BLOCK_D != HEAD_DIM)
     acc = acc * rescale[:, None]
@@ -64,7 +74,9 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, of
 @triton.jit
 def _attend_stretches(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end,
                       stop, queries, offs_n, offs_d, lo, hi, q_segment, key_segments_base,
-                      mask_base, bias_base,
+                      mask_base, bias_base, seed_ptr, batch_head,
+                      DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+                      DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                       SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                       MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -77,21 +89,24 @@ def _attend_stretches(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_star
     for start_n in range(start, full_start, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
             acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
-            hi, q_segment, key_segments_base, mask_base, bias_base, SCALE, SOFT_CAP,
+            hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
             BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
             NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
             RAGGED_KEYS, DOT_PRECISION)
     for start_n in range(full_start, full_end, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
             acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
-            hi, q_segment, key_segments_base, mask_base, bias_base, SCALE, SOFT_CAP,
+            hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
             BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
             NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, False, False,
             DOT_PRECISION)
     for start_n in range(full_end, stop, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
             acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
-            hi, q_segment, key_segments_base, mask_base, bias_base, SCALE, SOFT_CAP,
+            hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
             BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
             NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
             RAGGED_KEYS, DOT_PRECISION)
@@ -101,7 +116,7 @@ def _attend_stretches(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_star
 @triton.jit
 def _flash_forward_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
-    out_ptr, lse_ptr,
+    dropout_seed_ptr, out_ptr, lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -112,6 +127,8 @@ def _flash_forward_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr, BATCH: tl.constexpr, BATCH_INNER: tl.constexpr,
+    DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -158,7 +175,8 @@ def _flash_forward_kernel(
     acc, row_sum, row_max = _attend_stretches(
         acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, offs_m,
         offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base,
-        bias_base, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
+        bias_base, dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+        DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
         WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
         STRIDE_VS, BLOCK_N, DOT_PRECISION)
 

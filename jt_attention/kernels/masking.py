@@ -17,6 +17,9 @@ Three questions, asked by every kernel that reads scores:
 3. The logits: `logits` adds the bias and applies the soft-cap, returning base-2
    scores (log2(e) folded in, as the kernels use exp2) and the soft-cap's derivative
    for the backward; `store_bias_grad` writes or accumulates the bias gradient.
+4. Dropout: `dropout_multiplier` draws, for any tile, the factor keep / (1 - rate) of
+   each element from its position (features.dropout_keep is the jnp twin), so the
+   forward and both backward kernels draw the same mask whatever their blocks.
 
 Band: query i sees keys i - WINDOW_LEFT .. i + WINDOW_RIGHT, and none past i if
 IS_CAUSAL; -1 leaves a side unbounded. Operand layouts (BIAS_LAYOUT, MASK_LAYOUT,
@@ -33,6 +36,11 @@ _BATCH: tl.constexpr = tl.constexpr(1)
 _HEADS: tl.constexpr = tl.constexpr(2)
 _QUERIES: tl.constexpr = tl.constexpr(4)
 _KEYS: tl.constexpr = tl.constexpr(8)
+# Philox-4x32 constants (features.PHILOX_*)
+_ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
+_ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
 # Bias-gradient modes (plan.bias_grad_mode)
 STORE: tl.constexpr = tl.constexpr(1)       # one visit per element: dbias = dS
 ACCUMULATE: tl.constexpr = tl.constexpr(2)  # broadcast dims: fp32 atomic sums
@@ -266,6 +274,57 @@ def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
             cap_grad = 1.0 - tanh * tanh
         scores = values * LOG2E
     return scores, cap_grad
+
+
+@triton.jit
+def _philox(c0, c1, c2, seed):
+    """First word of Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0), all
+    uint32 (features.philox is the jnp twin)."""
+    c3 = c0 * 0
+    k0 = seed
+    k1 = seed * 0
+    for _ in tl.static_range(10):
+        previous_c0 = c0
+        previous_c2 = c2
+        c0 = tl.math.umulhi(_ROUND_B, previous_c2) ^ c1 ^ k0
+        c2 = tl.math.umulhi(_ROUND_A, previous_c0) ^ c3 ^ k1
+        c1 = tl.mul(_ROUND_B, previous_c2, sanitize_overflow=False)
+        c3 = tl.mul(_ROUND_A, previous_c0, sanitize_overflow=False)
+        k0 = tl.add(k0, _KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, _KEY_B, sanitize_overflow=False)
+    return c0
+
+
+@triton.jit
+def dropout_multiplier(seed_ptr, batch, head, q, k, NUM_HEADS: tl.constexpr,
+                       SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, THRESHOLD: tl.constexpr,
+                       SCALE: tl.constexpr, BROADCAST: tl.constexpr,
+                       SEED_BATCH: tl.constexpr):
+    """keep / (1 - rate) at [q, k] (index tensors [M, 1] and [1, N], either way round):
+    Philox word (q * SEQ_K + k, stream batch * NUM_HEADS + head, or 0 if BROADCAST) of the
+    call's seed, kept where it is at least THRESHOLD. SEED_BATCH (plan.dropout_seed_batch):
+    0 for one call; under jax.vmap, the mapped axis folded into the batch, n > 0: the
+    streams restart every n batch elements, and -n: so do they, with a seed per batch
+    element (a mapped key). Each element of the map then draws what a call of its own
+    would."""
+    q = q.to(tl.uint32)
+    low = tl.mul(q, SEQ_K, sanitize_overflow=False)
+    position = tl.add(low, k.to(tl.uint32), sanitize_overflow=False)
+    if SEQ_Q * SEQ_K >= 2**32:  # the position's high word
+        high = tl.math.umulhi(q, SEQ_K) + (position < low).to(tl.uint32)
+    else:
+        high = position * 0
+    if SEED_BATCH < 0:
+        seed = tl.load(seed_ptr + batch)
+    else:
+        seed = tl.load(seed_ptr)
+    if SEED_BATCH:
+        batch = batch % (SEED_BATCH if SEED_BATCH > 0 else -SEED_BATCH)
+    stream = position * 0
+    if not BROADCAST:
+        stream += (batch * NUM_HEADS + head).to(tl.uint32)
+    word = _philox(position, high, stream, seed.to(tl.uint32, bitcast=True))
+    return tl.where(word >= THRESHOLD, SCALE, 0.0)
 
 
 @triton.jit

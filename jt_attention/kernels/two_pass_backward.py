@@ -56,8 +56,8 @@ def _store_scores_tile(ptr, offsets, values, rows, cols, SEQ_Q: tl.constexpr,
 @triton.jit
 def _score_grads_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, mask_ptr, q_segments_ptr,
-    k_segments_ptr, key_spans_ptr, head_start, dbias_earlier_ptr, probs_ptr, dscores_ptr,
-    dbias_ptr,
+    k_segments_ptr, key_spans_ptr, dropout_seed_ptr, head_start, dbias_earlier_ptr, probs_ptr,
+    dscores_ptr, dbias_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
@@ -68,12 +68,15 @@ def _score_grads_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), chunk heads), for the chunk
-    of batch·heads from head_start on (plan.Problem.head_chunks).
+    of batch·heads from head_start on (plan.Problem.head_chunks). With dropout, probs
+    holds the kept probabilities, scaled (for dV), and dS takes the kept dP.
 
     probs, dscores: [chunk heads, SEQ_Q, PROBS_STRIDE] in the input dtype.
     lse: [batch * NUM_HEADS, SEQ_Q]; delta: [chunk heads, SEQ_Q] (fp32).
@@ -137,7 +140,15 @@ def _score_grads_kernel(
                 masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K),
                 NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
             probs = tl.where(keep, probs, 0.0)
-        dlogits = probs * (dprobs - delta[:, None]) * cap_grad
+        if DROPOUT_THRESHOLD:
+            dropped = masking.dropout_multiplier(
+                dropout_seed_ptr, batch, head, rows[:, None], cols[None, :], NUM_HEADS,
+                SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+                DROPOUT_SEED_BATCH)
+            dlogits = probs * (dprobs * dropped - delta[:, None]) * cap_grad
+            probs = probs * dropped
+        else:
+            dlogits = probs * (dprobs - delta[:, None]) * cap_grad
         offsets = tile_ptrs(chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
         _store_scores_tile(probs_ptr, offsets, probs, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
                            RAGGED_KEYS)

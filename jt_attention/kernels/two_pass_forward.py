@@ -2,7 +2,7 @@
 
 A FlashAttention output block (BLOCK_M x D fp32) does not fit the register file
 for D = 1024, and recomputing Q.K^T once per D-chunk of the output would multiply
-its FLOPs. Instead (GUIDE.md section 4):
+its FLOPs. Instead:
 
 1. `_score_tiles_kernel`, one program per (BLOCK_M x TILE_N) score tile: a GEMM over
    the head dim, then the tile's row max m_t, its probabilities exp(s - m_t) in the
@@ -43,8 +43,8 @@ from jt_attention.kernels.tiles import (grid_coords, load_tile, row_step, rows_d
 
 @triton.jit
 def _score_tiles_kernel(
-    q_ptr, k_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr, head_start,
-    probs_ptr, tile_max_ptr, tile_sum_ptr,
+    q_ptr, k_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
+    dropout_seed_ptr, head_start, probs_ptr, tile_max_ptr, tile_sum_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -53,6 +53,8 @@ def _score_tiles_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr,
+    DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -60,7 +62,8 @@ def _score_tiles_kernel(
     """programs (NUM_TILES, cdiv(SEQ_Q, BLOCK_M), chunk heads), for the chunk of
     batch·heads from head_start on (plan.Problem.head_chunks).
 
-    probs: [chunk heads, SEQ_Q, NUM_TILES * TILE_N], input dtype.
+    probs: [chunk heads, SEQ_Q, NUM_TILES * TILE_N], input dtype; with dropout, the kept
+    ones, scaled (the tile sums take them all).
     tile_max, tile_sum: [chunk heads, NUM_TILES, SEQ_Q] fp32, base 2.
     """
     NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
@@ -104,14 +107,19 @@ def _score_tiles_kernel(
         tile_max = tl.max(scores, 1)
         # A row can be wholly masked in this tile; keep its stats NaN-free.
         probs = tl.math.exp2(scores - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
+        stats_offset = (chunk_head * NUM_TILES + tile_n) * SEQ_Q + offs_m
+        tl.store(tile_max_ptr + stats_offset, tile_max, mask=offs_m < SEQ_Q)
+        tl.store(tile_sum_ptr + stats_offset, tl.sum(probs, 1), mask=offs_m < SEQ_Q)
+        if DROPOUT_THRESHOLD:
+            probs = probs * masking.dropout_multiplier(
+                dropout_seed_ptr, batch, head, offs_m[:, None], offs_n[None, :], NUM_HEADS,
+                SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+                DROPOUT_SEED_BATCH)
         PADDED_K: tl.constexpr = NUM_TILES * TILE_N
         probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PADDED_K, offs_m,
                                offs_n, PADDED_K, SEQ_Q)
         store_tile(probs_ptrs, probs.to(probs_ptr.dtype.element_ty), offs_m, offs_n,
                    SEQ_Q, PADDED_K, RAGGED_ROWS, False)
-        stats_offset = (chunk_head * NUM_TILES + tile_n) * SEQ_Q + offs_m
-        tl.store(tile_max_ptr + stats_offset, tile_max, mask=offs_m < SEQ_Q)
-        tl.store(tile_sum_ptr + stats_offset, tl.sum(probs, 1), mask=offs_m < SEQ_Q)
 
 
 @triton.jit
@@ -368,8 +376,8 @@ def _weighted_values(
 
 @triton.jit
 def _row_softmax_kernel(
-    q_ptr, k_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr, head_start,
-    lse_earlier_ptr, probs_ptr, lse_ptr,
+    q_ptr, k_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
+    dropout_seed_ptr, head_start, lse_earlier_ptr, probs_ptr, lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
@@ -378,6 +386,8 @@ def _row_softmax_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFT_CAP: tl.constexpr,
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr,
+    DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
+    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     ROW_KEYS: tl.constexpr,
@@ -387,7 +397,8 @@ def _row_softmax_kernel(
     (ROW_KEYS: SEQ_K rounded up to a power of two, at most tuning.WHOLE_ROW_MAX_KEYS),
     written normalized in the input dtype, zeros where hidden; and the row
     logsumexp. A 64 x 512 fp32 tile takes the registers of the tiled launch's
-    128 x 256 one.
+    128 x 256 one. With dropout P is written dropped and scaled, for O = P.V (the
+    backward then keeps no P: plan.Problem.keeps_probs).
 
     programs (cdiv(SEQ_Q, BLOCK_M), 1, chunk heads), for the chunk of batch·heads from
     head_start on (plan.Problem.head_chunks; lse_earlier as in _weighted_values_kernel).
@@ -421,11 +432,15 @@ def _row_softmax_kernel(
     probs = tl.math.exp2(scores - row_max[:, None])
     row_sum = tl.sum(probs, 1)
     seen = row_sum > 0
+    probs = probs * (1.0 / tl.where(seen, row_sum, 1.0))[:, None]
+    if DROPOUT_THRESHOLD:
+        probs = probs * masking.dropout_multiplier(
+            dropout_seed_ptr, batch, head, rows[:, None], cols[None, :], NUM_HEADS,
+            SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+            DROPOUT_SEED_BATCH)
     probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols,
                            PROBS_STRIDE, SEQ_Q)
-    store_tile(probs_ptrs,
-               (probs * (1.0 / tl.where(seen, row_sum, 1.0))[:, None]).to(
-                   probs_ptr.dtype.element_ty),
-               rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS, RAGGED_KEYS)
+    store_tile(probs_ptrs, probs.to(probs_ptr.dtype.element_ty), rows, cols, SEQ_Q, SEQ_K,
+               RAGGED_ROWS, RAGGED_KEYS)
     lse = tl.where(seen, (row_max + tl.math.log2(row_sum)) * masking.LN2, float("-inf"))
     tl.store(lse_ptr + batch_head * SEQ_Q + rows, lse, mask=rows < SEQ_Q)
