@@ -11,7 +11,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from jt_attention import tuning
+from jt_attention import compile_cache, tuning
 from jt_attention.plan import backward_outputs, backward_plan, forward_outputs, forward_plan
 
 
@@ -63,6 +63,7 @@ def _run_launches(launches, buffers, problem):
     """Launches each kernel in turn; `buffers` (name -> array) gains their outputs."""
     import jax_triton
 
+    compile_cache.install()
     previous = ()
     for launch in launches:
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.footprint,

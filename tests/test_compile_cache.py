@@ -1,0 +1,58 @@
+"""The on-disk compile cache, with a stand-in for jax-triton's compile (no GPU needed)."""
+
+import dataclasses
+
+from jt_attention import compile_cache
+
+
+@dataclasses.dataclass
+class FakeResult:  # the shape of jax-triton's CompilationResult
+    binary: str
+    name: str
+    shared_mem_bytes: int
+    cluster_dims: tuple
+
+
+def _counting_compile(calls):
+    def compile_ttir(ttir, backend, options, compute_capability, platform):
+        calls.append(str(ttir))
+        return FakeResult(f"ptx of {ttir} {options}", "kernel", 1024, (1, 1, 1))
+    return compile_ttir
+
+
+def test_second_process_loads_what_the_first_compiled(tmp_path):
+    calls = []
+    first = compile_cache.cached(_counting_compile(calls), FakeResult, tmp_path, ("v",))
+    second = compile_cache.cached(_counting_compile(calls), FakeResult, tmp_path, ("v",))
+    want = first("ttir A", None, "warps=4", 90, "cuda")
+    assert second("ttir A", None, "warps=4", 90, "cuda") == want
+    assert calls == ["ttir A"]  # the second "process" compiled nothing
+
+
+def test_key_covers_ir_options_device_and_versions(tmp_path):
+    calls = []
+    compile_ttir = compile_cache.cached(_counting_compile(calls), FakeResult, tmp_path, ("v",))
+    compile_ttir("ttir A", None, "warps=4", 90, "cuda")
+    compile_ttir("ttir B", None, "warps=4", 90, "cuda")
+    compile_ttir("ttir A", None, "warps=8", 90, "cuda")
+    compile_ttir("ttir A", None, "warps=4", 89, "cuda")
+    other_versions = compile_cache.cached(_counting_compile(calls), FakeResult, tmp_path, ("w",))
+    other_versions("ttir A", None, "warps=4", 90, "cuda")
+    assert len(calls) == 5
+
+
+def test_damaged_entry_is_compiled_again(tmp_path):
+    calls = []
+    compile_ttir = compile_cache.cached(_counting_compile(calls), FakeResult, tmp_path, ("v",))
+    want = compile_ttir("ttir A", None, "warps=4", 90, "cuda")
+    for entry in tmp_path.glob("*.json"):
+        entry.write_text("{not json")
+    assert compile_ttir("ttir A", None, "warps=4", 90, "cuda") == want
+    assert len(calls) == 2
+
+
+def test_environment_turns_it_off_or_moves_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(compile_cache.ENVIRONMENT_VARIABLE, "0")
+    assert compile_cache.cache_dir() is None
+    monkeypatch.setenv(compile_cache.ENVIRONMENT_VARIABLE, str(tmp_path))
+    assert compile_cache.cache_dir() == tmp_path
