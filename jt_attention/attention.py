@@ -11,6 +11,7 @@ from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 
 from jt_attention import features as features_lib
+from jt_attention import partitioning
 from jt_attention.plan import FEATURE_INPUTS, Problem, backward_inputs
 from jt_attention.reference import attention_reference
 
@@ -86,7 +87,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     gradients come back in the input dtype. Forward mode (jax.jvp, jax.jacfwd) is
     not supported: JAX raises "can't apply forward-mode autodiff (jvp) to a
     custom_vjp function"; use reverse mode. Works under jax.vmap: the mapped axis
-    folds into the batch, so one launch serves the whole map.
+    folds into the batch, so one launch serves the whole map. Under jax.jit with inputs
+    sharded over a mesh along the batch or the heads (whole KV groups), each device
+    runs the kernels on its own shard, with no collective, and the output stays
+    sharded; other shardings, and the batch and heads under dropout that is not
+    broadcast (its mask follows the global batch and head index), are gathered and
+    logged once (jt_attention/partitioning.py).
     """
     out, lse = attention_and_logsumexp(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -305,14 +311,35 @@ def _kernel_forward(query, key, value, bias, others, problem, implementation, fo
 # a pure_callback or a kernel call.
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _forward_kernels(problem, implementation, for_backward, *arrays):
-    launch = functools.partial(_launch_forward, for_backward=for_backward)
-    return tuple(_foldable(launch, problem, implementation, FORWARD_INPUTS)(*arrays))
+    kind = partitioning.FORWARD_FOR_BACKWARD if for_backward else partitioning.FORWARD
+    launch = _launcher(kind, implementation)
+    return _varying_like(_foldable(launch, problem, implementation, FORWARD_INPUTS)(*arrays),
+                         arrays)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _backward_kernels(problem, implementation, *arrays):
-    return tuple(_foldable(_launch_backward, problem, implementation,
-                           backward_inputs(problem))(*arrays))
+    launch = _launcher(partitioning.BACKWARD, implementation)
+    return _varying_like(
+        _foldable(launch, problem, implementation, backward_inputs(problem))(*arrays), arrays)
+
+
+def _varying_like(outputs, inputs):
+    """Inside jax.shard_map (check_vma=True) arrays carry the mesh axes they vary over;
+    the kernel calls (jax-triton's, the interpreter's callback) return arrays without
+    them, and JAX would then reject the custom VJP's gradients. Give the outputs the
+    axes the inputs vary over."""
+    axes = set().union(*(_varying_axes(x) for x in inputs))
+    return tuple(jax.lax.pcast(y, tuple(sorted(axes - _varying_axes(y))), to="varying")
+                 if axes - _varying_axes(y) else y for y in outputs)
+
+
+def _varying_axes(x):
+    """The manual mesh axes x's type says it varies over (none outside shard_map)."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "mat"):  # the jax 0.10 spelling
+        return frozenset(getattr(aval.mat, "varying", ()) or ())
+    return frozenset(getattr(aval, "vma", ()) or ())
 
 
 def _second_order(*_):
@@ -321,6 +348,27 @@ def _second_order(*_):
 
 _forward_kernels.defjvp(_second_order)
 _backward_kernels.defjvp(_second_order)
+
+
+def _launch(kind, problem, implementation, *arrays):
+    """One launch of `kind` (partitioning.KINDS) on the plan's arrays, as a tuple."""
+    if kind == partitioning.BACKWARD:
+        return tuple(_launch_backward(problem, implementation, *arrays))
+    return tuple(_launch_forward(problem, implementation, *arrays,
+                                 for_backward=kind == partitioning.FORWARD_FOR_BACKWARD))
+
+
+# Under jax.jit with sharded operands each device launches on its own shard
+# (partitioning.py: the batch and heads partition, the rest is gathered).
+_partitioned_launch = partitioning.partitioned(_launch)
+
+
+def _launcher(kind, implementation):
+    """`launch(problem, implementation, *arrays)` for `kind`: partitioned, except the
+    interpreter off the CPU (its partitioned launch is a CPU custom call)."""
+    if implementation == "interpret" and jax.default_backend() != "cpu":
+        return functools.partial(_launch, kind)
+    return functools.partial(_partitioned_launch, kind)
 
 
 def _launch_forward(problem, implementation, *arrays, for_backward):
@@ -420,17 +468,13 @@ def _folded_problem(problem, axis_size, arrays):
     shapes. Dropout streams restart every `problem.batch` elements (what one call per
     element of the map draws), with a seed per batch element where the key is mapped
     (kernels/masking.py dropout_multiplier)."""
-    features = problem.features
-    stream_batch = abs(features.dropout_seed_batch) or problem.batch
+    stream_batch = abs(problem.features.dropout_seed_batch) or problem.batch
     per_batch_seeds = arrays["dropout_seed"].shape[0] > 1
+    wider = partitioning.problem_for_shapes(problem, {n: x.shape for n, x in arrays.items()})
     features = dataclasses.replace(
-        features,
-        bias=tuple(arrays["bias"].shape) if features.bias else (),
-        mask=tuple(arrays["mask"].shape) if features.mask else (),
-        spans=tuple(arrays["key_spans"].shape[:2]) if features.spans else (),
-        dropout_seed_batch=(-stream_batch if per_batch_seeds else stream_batch)
-        if features.dropout_rate else 0)
-    return dataclasses.replace(problem, batch=axis_size * problem.batch, features=features)
+        wider.features, dropout_seed_batch=(-stream_batch if per_batch_seeds else stream_batch)
+        if problem.features.dropout_rate else 0)
+    return dataclasses.replace(wider, features=features)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd, symbolic_zeros=True)

@@ -99,7 +99,10 @@ def test_check_grads(head_dim):
     (q, k, v), _ = random_inputs(1, 5, 7, 2, 1, head_dim, "float32")
     attend = lambda q, k, v: jt_attention.dot_product_attention(
         q, k, v, is_causal=True, implementation=IMPL)
-    check_grads(attend, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    # eps 3e-3, not the default 1e-4: float32 rounding over 1e-4 steps put the finite
+    # differences 4% off once in a full run (central differences' truncation error at
+    # 3e-3 is far below the bound).
+    check_grads(attend, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2, eps=3e-3)
 
 
 def _loss(implementation, **kwargs):
