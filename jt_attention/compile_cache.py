@@ -64,7 +64,7 @@ def cached(compile_ttir, result_type, directory, versions):
             with tempfile.NamedTemporaryFile("w", dir=directory, delete=False) as f:
                 json.dump(dict(key=key, fields=fields), f)
             os.replace(f.name, path)  # atomic: a concurrent reader sees all or nothing
-        except OSError as error:
+        except (OSError, TypeError, ValueError) as error:  # TypeError: a non-text binary
             logger.warning("jt_attention: cannot write the compile cache in %s: %s",
                            directory, error)
 

@@ -1,8 +1,8 @@
 """Ring attention (sequence sharded over devices, K/V rotating with ppermute) against
 full attention in float64: output and gradients, causal and not, both layouts, at 2,
 4 and 8 devices, with lengths, segment ids, grouped-query heads and the soft-cap; the
-backward's memory; the layout helpers; argument errors; shard_map's check_vma; the
-interpreter under shard_map; the example app.
+backward's memory; the layout helpers; argument errors (all under shard_map's default
+check_vma=True); the interpreter under shard_map; the example app.
 
 On a CPU machine conftest gives 8 simulated devices and the kernels run interpreted;
 on a GPU machine the tests need that many GPUs, else they skip. Shapes are tiny: each
@@ -41,7 +41,7 @@ def _mesh(num_devices, name=AXIS):
     return Mesh(np.array(devices[:num_devices]), (name,))
 
 
-def ring_sharded(num_devices, layout, features, check_vma=False, **options):
+def ring_sharded(num_devices, layout, features, **options):
     """ring_attention under shard_map, as a function of (q, k, v) and the optional
     arguments `features` (by name), all global arrays in the layout's order."""
     mesh = _mesh(num_devices)
@@ -52,11 +52,11 @@ def ring_sharded(num_devices, layout, features, check_vma=False, **options):
                                            **features, **options)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(SEQUENCE,) * 3 + (specs,),
-                         out_specs=SEQUENCE, check_vma=check_vma)
+                         out_specs=SEQUENCE)
 
 
 def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), per_device=8,
-               features_of=None, implementation=KERNELS, check_vma=False, **options):
+               features_of=None, implementation=KERNELS, **options):
     """Ring attention on fresh random inputs against float64 full attention: output,
     then dq, dk, dv of <out, dout> (jitted). shape: (batch, heads, kv_heads, head_dim,
     dtype); features_of(rng, batch, seq) -> the optional arguments (global order).
@@ -73,7 +73,7 @@ def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), p
     unlay = lambda x: jt_attention.ring_unlayout(np.asarray(x), num_devices, layout=layout)
     laid = {name: lay(x) if FEATURE_SPECS[name] == SEQUENCE else x
             for name, x in features.items()}
-    attend = jax.jit(ring_sharded(num_devices, layout, laid, check_vma=check_vma,
+    attend = jax.jit(ring_sharded(num_devices, layout, laid,
                                   is_causal=is_causal, implementation=implementation,
                                   **options))
     out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, laid), lay(q), lay(k), lay(v))
@@ -192,13 +192,6 @@ def test_argument_errors():
                     key_value_segment_ids=jnp.zeros((1, 8), jnp.int32)))
     with pytest.raises(NameError, match="inside jax.shard_map"):
         jt_attention.ring_attention(*(jnp.zeros((1, 4, 2, 16)),) * 3, axis_name=AXIS)
-
-
-def test_under_check_vma():
-    """jax.shard_map's default check_vma=True: the kernels' outputs carry the inputs'
-    varying axes, so the kernel path runs (output and gradients) as 'xla' does."""
-    check_ring(3, True, "zigzag", implementation="xla", check_vma=True)  # 3: a scan step
-    check_ring(2, True, "zigzag", check_vma=True)
 
 
 def test_interpreter_under_shard_map_50_calls():
