@@ -202,19 +202,27 @@ def _run_in_callback(launches, inputs, names):
     return jax.pure_callback(host, result_shapes, *inputs.values(), vmap_method="sequential")
 
 
+def forward_launches(problem, for_backward):
+    """The forward plan as the interpreter runs it (its score tiles and program count)."""
+    return forward_plan(problem, for_backward, score_tile_n=INTERPRETER_SCORE_TILE_N,
+                        num_sms=INTERPRETER_SMS)
+
+
+def backward_launches(problem):
+    return backward_plan(problem, INTERPRETER_SMS)
+
+
 def interpret_forward(inputs, problem, for_backward):
     """(out, lse [B, H, Sq] fp32, *kept) from the interpreted kernels, given the named
     inputs (q, k, v and the feature operands), kept being plan.kept_buffers(problem) if
     `for_backward`, else none."""
     _require_interpreter()
-    launches = forward_plan(problem, for_backward, score_tile_n=INTERPRETER_SCORE_TILE_N,
-                            num_sms=INTERPRETER_SMS)
-    return _run_in_callback(launches, inputs, forward_outputs(problem, for_backward))
+    return _run_in_callback(forward_launches(problem, for_backward), inputs,
+                            forward_outputs(problem, for_backward))
 
 
 def interpret_backward(inputs, problem):
     """plan.backward_outputs(problem) from the interpreted backward kernels, given the
     named plan.backward_inputs(problem)."""
     _require_interpreter()
-    return _run_in_callback(backward_plan(problem, INTERPRETER_SMS), inputs,
-                            backward_outputs(problem))
+    return _run_in_callback(backward_launches(problem), inputs, backward_outputs(problem))

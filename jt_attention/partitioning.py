@@ -48,7 +48,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jt_attention.plan import (FEATURE_INPUTS, backward_inputs, backward_outputs,
-                               backward_plan, forward_outputs, forward_plan)
+                               forward_outputs)
 
 logger = logging.getLogger("jt_attention")
 
@@ -325,12 +325,11 @@ _HOST_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.
 
 def interpreted_launches(kind, problem):
     """The launches of `kind` that implementation='interpret' runs (interpret.py)."""
-    from jt_attention.interpret import INTERPRETER_SCORE_TILE_N, INTERPRETER_SMS
+    from jt_attention import interpret
 
     if kind == BACKWARD:
-        return backward_plan(problem, INTERPRETER_SMS)
-    return forward_plan(problem, kind == FORWARD_FOR_BACKWARD,
-                        score_tile_n=INTERPRETER_SCORE_TILE_N, num_sms=INTERPRETER_SMS)
+        return interpret.backward_launches(problem)
+    return interpret.forward_launches(problem, kind == FORWARD_FOR_BACKWARD)
 
 
 def _host_launches(out, ins, opaque, opaque_len, status):

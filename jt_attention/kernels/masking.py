@@ -245,6 +245,24 @@ def visible(q, k, lo, hi, q_segment, key_segments_base, mask_base, NUM_HEADS: tl
 
 
 @triton.jit
+def tile_visible(rows, cols, spans_base, q_segments_ptr, k_segments_ptr, mask_ptr, batch, head,
+                 IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                 WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr, NUM_HEADS: tl.constexpr,
+                 SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, SEGMENTS: tl.constexpr,
+                 MASK_LAYOUT: tl.constexpr):
+    """visible() for a [rows, cols] tile of (batch, head), its row reach and ids found
+    here: for kernels that visit each tile once (the two-pass ones), where the flash
+    kernels keep them per row across their key blocks."""
+    lo, hi = row_reach(rows, spans_base, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+                       SPANS)
+    return visible(rows[:, None], cols[None, :], lo[:, None], hi[:, None],
+                   segment_ids(q_segments_ptr, batch, rows, SEQ_Q, SEGMENTS)[:, None],
+                   k_segments_ptr + batch * SEQ_K,
+                   dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K),
+                   NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+
+
+@triton.jit
 def _tanh(x):
     """tanh from exp2 (libdevice is not in Triton's interpreter): exact at +-inf, absolute
     error about 1e-7 elsewhere, which is what the soft-capped logits need."""

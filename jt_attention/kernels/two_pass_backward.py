@@ -54,6 +54,19 @@ def _store_scores_tile(ptr, offsets, values, rows, cols, SEQ_Q: tl.constexpr,
 
 
 @triton.jit
+def _store_score_grads(dscores_ptr, dbias_ptr, offsets, dscores, rows, cols, batch, head,
+                       BIAS_GRAD: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
+                       NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+                       RAGGED_ROWS: tl.constexpr, RAGGED_KEYS: tl.constexpr):
+    """dS of a tile, and its share of the bias gradient where one is taken."""
+    _store_scores_tile(dscores_ptr, offsets, dscores, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+                       RAGGED_KEYS)
+    if BIAS_GRAD:
+        masking.store_bias_grad(dbias_ptr, dscores, rows, cols, batch, head, BIAS_GRAD,
+                                BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+
+
+@triton.jit
 def _score_grads_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, mask_ptr, q_segments_ptr,
     k_segments_ptr, key_spans_ptr, dropout_seed_ptr, head_start, dbias_earlier_ptr, probs_ptr,
@@ -131,14 +144,10 @@ def _score_grads_kernel(
                                           SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
         probs = tl.math.exp2(scores - lse[:, None])
         if (start_n < full_start) | (start_n >= full_end):
-            lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
-                                          WINDOW_RIGHT, SPANS)
-            keep = masking.visible(
-                rows[:, None], cols[None, :], lo[:, None], hi[:, None],
-                masking.segment_ids(q_segments_ptr, batch, rows, SEQ_Q, SEGMENTS)[:, None],
-                k_segments_ptr + batch * SEQ_K,
-                masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K),
-                NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+            keep = masking.tile_visible(
+                rows, cols, spans, q_segments_ptr, k_segments_ptr, mask_ptr, batch, head,
+                IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SPANS, NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS,
+                MASK_LAYOUT)
             probs = tl.where(keep, probs, 0.0)
         if DROPOUT_THRESHOLD:
             dropped = masking.dropout_multiplier(
@@ -152,11 +161,9 @@ def _score_grads_kernel(
         offsets = tile_ptrs(chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
         _store_scores_tile(probs_ptr, offsets, probs, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
                            RAGGED_KEYS)
-        _store_scores_tile(dscores_ptr, offsets, dlogits, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+        _store_score_grads(dscores_ptr, dbias_ptr, offsets, dlogits, rows, cols, batch, head,
+                           BIAS_GRAD, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K, RAGGED_ROWS,
                            RAGGED_KEYS)
-        if BIAS_GRAD:
-            masking.store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, BIAS_GRAD,
-                                    BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
 
 
 @triton.jit
@@ -211,11 +218,9 @@ def _dscores_from_probs_kernel(
                                           WINDOW_RIGHT, SPANS)
             probs = _within_reach(probs, rows, cols, lo, hi)
         dscores = probs * (dprobs - delta[:, None])
-        _store_scores_tile(dscores_ptr, offsets, dscores, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+        _store_score_grads(dscores_ptr, dbias_ptr, offsets, dscores, rows, cols, batch, head,
+                           BIAS_GRAD, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K, RAGGED_ROWS,
                            RAGGED_KEYS)
-        if BIAS_GRAD:
-            masking.store_bias_grad(dbias_ptr, dscores, rows, cols, batch, head, BIAS_GRAD,
-                                    BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
 
 
 @triton.jit
@@ -275,8 +280,6 @@ def _dscores_whole_rows_kernel(
     probs = load_tile(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, False,
                       RAGGED_KEYS).to(tl.float32)
     dscores = probs * (dprobs - delta[:, None])
-    _store_scores_tile(dscores_ptr, offsets, dscores, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
+    _store_score_grads(dscores_ptr, dbias_ptr, offsets, dscores, rows, cols, batch, head,
+                       BIAS_GRAD, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K, RAGGED_ROWS,
                        RAGGED_KEYS)
-    if BIAS_GRAD:
-        masking.store_bias_grad(dbias_ptr, dscores, rows, cols, batch, head, BIAS_GRAD,
-                                BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)

@@ -136,14 +136,10 @@ def _masked_scores(qk, rows, cols, batch, head, bias_ptr, mask_ptr, q_segments_p
     scores, _ = masking.logits(qk, bias_base, rows[:, None], cols[None, :], SCALE, SOFT_CAP,
                                BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
     if masked:
-        lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
-                                      WINDOW_RIGHT, SPANS)
-        keep = masking.visible(
-            rows[:, None], cols[None, :], lo[:, None], hi[:, None],
-            masking.segment_ids(q_segments_ptr, batch, rows, SEQ_Q, SEGMENTS)[:, None],
-            k_segments_ptr + batch * SEQ_K,
-            masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K),
-            NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+        keep = masking.tile_visible(
+            rows, cols, spans, q_segments_ptr, k_segments_ptr, mask_ptr, batch, head,
+            IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SPANS, NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS,
+            MASK_LAYOUT)
         scores = tl.where(keep, scores, float("-inf"))
     return scores
 
