@@ -329,12 +329,12 @@ def _varying_like(outputs, inputs):
     the kernel calls (jax-triton's, the interpreter's callback) return arrays without
     them, and JAX would then reject the custom VJP's gradients. Give the outputs the
     axes the inputs vary over."""
-    axes = set().union(*(_varying_axes(x) for x in inputs))
-    return tuple(jax.lax.pcast(y, tuple(sorted(axes - _varying_axes(y))), to="varying")
-                 if axes - _varying_axes(y) else y for y in outputs)
+    axes = set().union(*(varying_axes(x) for x in inputs))
+    return tuple(jax.lax.pcast(y, tuple(sorted(axes - varying_axes(y))), to="varying")
+                 if axes - varying_axes(y) else y for y in outputs)
 
 
-def _varying_axes(x):
+def varying_axes(x):
     """The manual mesh axes x's type says it varies over (none outside shard_map)."""
     aval = jax.typeof(x)
     if hasattr(aval, "mat"):  # the jax 0.10 spelling

@@ -103,7 +103,7 @@ def no_operands():
         jnp.float32, jnp.bool_, jnp.int32, jnp.int32, jnp.int32, jnp.int32, jnp.int32))))
 
 
-def _as_4d(name, array, problem_shape):
+def as_4d(name, array, problem_shape):
     """`array` with leading size-1 dims up to 4-D, checked broadcastable to problem_shape."""
     if not isinstance(array, (jax.Array, np.ndarray)):
         raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got "
@@ -121,7 +121,8 @@ def _as_4d(name, array, problem_shape):
     return array
 
 
-def _window(local_window_size):
+def window(local_window_size):
+    """local_window_size checked, as (left, right); (-1, -1) for None."""
     if local_window_size is None:
         return (-1, -1)
     if isinstance(local_window_size, numbers.Integral) and not isinstance(local_window_size,
@@ -206,7 +207,7 @@ def prepare(batch_shape, seq_q, seq_k, num_heads, bias, mask, query_seq_lengths,
         arguments = dataclasses.replace(arguments, bias=arguments.bias.astype(jnp.float32))
     bias, mask = arguments.bias, arguments.mask
     features = Features(
-        window=_window(local_window_size), soft_cap=_soft_cap(logits_soft_cap),
+        window=window(local_window_size), soft_cap=_soft_cap(logits_soft_cap),
         bias=() if bias is None else tuple(bias.shape),
         bias_dtype=np.dtype(bias.dtype if bias is not None else np.float32),
         mask=() if mask is None else tuple(mask.shape),
@@ -330,7 +331,7 @@ def _dense_operand(name, array, batch_shape, problem_shape):
                              f"{[*batch_shape, *problem_shape[1:]]}") from err
     if extra:
         array = jnp.reshape(array, (-1,) + array.shape[len(batch_shape):])
-    return _as_4d(name, array, problem_shape)
+    return as_4d(name, array, problem_shape)
 
 
 def _spans(problem_shape, q_lengths, kv_lengths, q_segments, kv_segments, mask):

@@ -41,20 +41,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jt_attention.attention import attention_and_logsumexp
+from jax.custom_derivatives import SymbolicZero
+
+from jt_attention import features as features_lib
+from jt_attention.attention import attention_and_logsumexp, varying_axes
 
 LAYOUTS = ("contiguous", "zigzag")
-# dot_product_attention's arguments that a ring step cannot take: a bias or mask
-# would have to be cut per block pair and rotated, a window or dropout would need
-# global positions inside the kernels.
-UNSUPPORTED = ("bias", "mask", "local_window_size", "dropout_rate", "dropout_rng",
-               "broadcast_dropout", "return_residual")
+# dot_product_attention's arguments that a ring step cannot take: dropout would draw
+# its mask from each element's position in the call, which a ring step does not know;
+# the residual is the merged logsumexp, which the ring keeps in float32 only.
+UNSUPPORTED = ("dropout_rate", "dropout_rng", "broadcast_dropout", "return_residual")
 
 
-def ring_attention(query, key, value, *, axis_name, is_causal=False, layout=None, scale=None,
-                   query_seq_lengths=None, key_value_seq_lengths=None,
-                   query_segment_ids=None, key_value_segment_ids=None, logits_soft_cap=None,
-                   implementation=None, **unsupported):
+def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, is_causal=False,
+                   layout=None, scale=None, query_seq_lengths=None, key_value_seq_lengths=None,
+                   local_window_size=None, query_segment_ids=None, key_value_segment_ids=None,
+                   logits_soft_cap=None, implementation=None, **unsupported):
     """Attention over a sequence sharded along mesh axis `axis_name`; call inside
     `jax.shard_map` (or under `jax.jit` of one), with query, key and value sharded
     along axis 1 over `axis_name` (in_specs P(None, axis_name)).
@@ -75,17 +77,28 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False, layout=None
         "contiguous". Zigzag needs even blocks (seq divisible by 2P). It says which
         global positions each block holds, which matters for causal and lengths.
       scale: logit scale; default 1/sqrt(head_dim).
+      bias, mask: as in dot_product_attention, but for this device's query rows
+        against the WHOLE key sequence in the layout's order: broadcastable to
+        [batch, num_heads, q_block, P * kv_block]. Shard them along axis 2 like the
+        query (in_specs P(None, None, axis_name)), or replicate them (P()) where that
+        dim is 1. Each step takes the visiting block's columns; the bias gradient
+        (where the bias is differentiated) comes back in the bias's shape and dtype.
       query_seq_lengths, key_value_seq_lengths: int32 [batch], GLOBAL lengths
         (replicated: in_specs P()); positions at or past them are padding, and padded
         query rows return 0.
       query_segment_ids, key_value_segment_ids: int32 [batch, q_block] and
         [batch, kv_block], sharded like the query and key; a query sees a key only
         where their ids are equal. The key ids travel with the keys.
+      local_window_size: int or (left, right), in GLOBAL positions: the query at i sees
+        the keys at i - left .. i + right. Each step turns it into a band mask of the
+        block pair from the blocks' global positions (q_block x kv_block booleans);
+        the kernels skip the key tiles it hides, so a step whose block lies outside
+        every row's window costs a launch and no attention.
       logits_soft_cap: as in dot_product_attention, cap * tanh(logits / cap).
       implementation: as in dot_product_attention: None, 'triton', 'interpret', 'xla'.
 
-    Not supported (ValueError naming them): bias, mask, local_window_size, dropout and
-    return_residual. A row that sees no key at all returns 0, as in
+    Not supported (ValueError naming them): dropout and return_residual. A row that
+    sees no key at all returns 0, as in
     dot_product_attention. Differentiable in reverse mode (jax.grad, jax.vjp) in
     query, key and value, also under jax.jit; not in forward mode. Works with
     jax.shard_map's check_vma on or off.
@@ -95,13 +108,18 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False, layout=None
     num_devices = _axis_size(axis_name)
     _check_blocks(query, key, value, is_causal, layout, num_devices, query_segment_ids,
                   key_value_segment_ids)
+    scores_shape = (query.shape[0], query.shape[2], query.shape[1], num_devices * key.shape[1])
+    bias = _checked_scores("bias", bias, scores_shape)
+    mask = _checked_scores("mask", mask, scores_shape)
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise TypeError(f"mask.dtype={mask.dtype}; expected bool (True: the key is visible)")
     config = _Config(axis_name, num_devices, layout, bool(is_causal), scale, logits_soft_cap,
-                     implementation)
+                     implementation, features_lib.window(local_window_size))
     features = dict(query_segment_ids=query_segment_ids,
                     key_value_segment_ids=key_value_segment_ids,
                     query_seq_lengths=query_seq_lengths,
-                    key_value_seq_lengths=key_value_seq_lengths)
-    return _ring_attention(config, query, key, value, features)
+                    key_value_seq_lengths=key_value_seq_lengths, mask=mask)
+    return _ring_attention(config, query, key, value, bias, features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +132,7 @@ class _Config:
     scale: Any
     logits_soft_cap: Any
     implementation: Any
+    window: tuple  # (left, right) in global positions; (-1, -1): none
 
 
 # A custom VJP, where JAX's autodiff of the forward would do: autodiff keeps each
@@ -122,21 +141,21 @@ class _Config:
 # again instead, so memory per device stays a few blocks, at the cost of one more
 # forward launch per step (the block's partial result, recomputed for its VJP).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_attention(config, query, key, value, features):
-    out, _ = _ring_forward(config, query, key, value, features)
+def _ring_attention(config, query, key, value, bias, features):
+    out, _ = _ring_forward(_Ring(config, features, bias), query, key, value)
     return out
 
 
-def _ring_forward(config, query, key, value, features):
+def _ring_forward(ring, query, key, value):
     """(out in the query's dtype, lse float32 [B, T, N]) over every block of the ring."""
-    ring = _Ring(config, jax.lax.axis_index(config.axis_name), features)
+    config, features = ring.config, ring.features
 
     def step(carry, index):
         block, out, lse = carry
         # Send the block on before attending to it: the transfer does not depend on
         # this step's kernels, so XLA can run the two at once.
         arriving = block if _is_last(index, config) else _rotate(block, config)
-        partial_out, partial_lse = ring.attend(query, block, index)
+        partial_out, partial_lse = ring.attend(query, ring.visit(block, index), index)
         if out is None:  # the device's own block, the first step
             return arriving, partial_out.astype(jnp.float32), partial_lse
         return (arriving, *merge_partials(out, lse, partial_out, partial_lse))
@@ -146,36 +165,60 @@ def _ring_forward(config, query, key, value, features):
     return out.astype(query.dtype), lse
 
 
-def _ring_attention_fwd(config, query, key, value, features):
-    out, lse = _ring_forward(config, query, key, value, features)
-    return out, (query, key, value, features, out, lse)
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _BiasGrad:
+    """A residual that is no array: whether the bias is differentiated."""
+    wanted: bool
+
+
+def _ring_attention_fwd(config, query, key, value, bias, features):
+    # symbolic_zeros: the primals come wrapped, telling which are differentiated, so
+    # the kernels compute no bias gradient that nobody asked for.
+    bias_grad = _BiasGrad(bias is not None and bias.perturbed)
+    query, key, value, bias, features = jax.tree.map(lambda x: x.value,
+                                                     (query, key, value, bias, features))
+    out, lse = _ring_forward(_Ring(config, features, bias), query, key, value)
+    return out, (bias_grad, query, key, value, bias, features, out, lse)
 
 
 def _ring_attention_bwd(config, residuals, dout):
-    """dq, dk, dv: each step recomputes one block's partial result and takes its VJP,
-    with the cotangents that the merge passes to it. dk and dv accumulate in float32
-    beside the block they belong to and travel with it; after the P-th step one more
-    hop brings them home to the block's owner."""
-    query, key, value, features, out, lse = residuals
-    ring = _Ring(config, jax.lax.axis_index(config.axis_name), features)
+    """dq, dk, dv (and dbias): each step recomputes one block's partial result and
+    takes its VJP, with the cotangents that the merge passes to it. dk and dv
+    accumulate in float32 beside the block they belong to and travel with it; after
+    the P-th step one more hop brings them home to the block's owner. dbias stays:
+    each step adds the visiting block's columns."""
+    bias_grad, query, key, value, bias, features, out, lse = residuals
+    if isinstance(dout, SymbolicZero):
+        dout = jnp.zeros(dout.aval.shape, dout.aval.dtype)
+    ring = _Ring(config, features, bias, bias_grad.wanted)
 
     def step(carry, index):
-        block, dq, dk, dv = carry
+        block, dq, dk, dv, dbias = carry
         arriving = block if _is_last(index, config) else _rotate(block, config)
-        dq_block, dk_block, dv_block = ring.block_grads(query, block, index, out, lse, dout)
+        dq_block, dk_block, dv_block, *dbias_block = ring.block_grads(
+            query, block, index, out, lse, dout)
+        if dbias_block:
+            dbias = ring.add_columns(dbias, dbias_block[0], index)
         # dk and dv leave once this step's share is in; the next device needs them
         # only after its own kernels, so the transfer can overlap those.
         dk, dv = _rotate((dk + dk_block, dv + dv_block), config)
-        return arriving, dq + dq_block, dk, dv
+        return arriving, dq + dq_block, dk, dv, dbias
 
     zeros = lambda x: jnp.zeros_like(x, dtype=jnp.float32)
     first = (_KeyBlock(key, value, features["key_value_segment_ids"]), zeros(query),
-             zeros(key), zeros(value))
-    _, dq, dk, dv = _around_the_ring(step, first, config.num_devices)
-    return dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype), None
+             zeros(key), zeros(value), zeros(bias) if bias_grad.wanted else None)
+    _, dq, dk, dv, dbias = _around_the_ring(step, first, config.num_devices)
+    if bias_grad.wanted:
+        # A bias replicated over the ring (rows dim 1) gets every device's share.
+        if config.axis_name not in varying_axes(bias):
+            dbias = jax.lax.psum(dbias, config.axis_name)
+        dbias = dbias.astype(bias.dtype)
+    return (dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype), dbias,
+            None)
 
 
-_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd, symbolic_zeros=True)
 
 
 def _around_the_ring(step, carry, num_devices):
@@ -262,12 +305,28 @@ class _KeyBlock(NamedTuple):
     value: Any
     segment_ids: Any
 
-    def halves(self):
-        """(first, second) halves along the sequence: zigzag's two chunks."""
-        half = self.key.shape[1] // 2
-        cut = lambda x, part: None if x is None else x[:, half * part:half * (part + 1)]
-        return tuple(_KeyBlock(cut(self.key, p), cut(self.value, p), cut(self.segment_ids, p))
-                     for p in (0, 1))
+
+class _Visit(NamedTuple):
+    """A visiting block as one step attends to it: the block, and the columns of the
+    local bias and mask (or None) that belong to its keys."""
+    key: Any
+    value: Any
+    segment_ids: Any
+    bias: Any
+    mask: Any
+
+    def first_half(self):
+        """The block's first half along the keys: zigzag's early chunk."""
+        keys = slice(0, self.key.shape[1] // 2)
+        return _Visit(*(_cut(x, 1, keys) for x in self[:3]),
+                      *(_cut(x, 3, keys) for x in self[3:]))
+
+
+def _cut(x, axis, part):
+    """x[part] along `axis`, where x has that axis (None and size-1 dims broadcast)."""
+    if x is None or x.shape[axis] == 1:
+        return x
+    return x[(slice(None),) * axis + (part,)]
 
 
 def _rotate(tree, config):
@@ -281,10 +340,38 @@ class _Ring:
     """The device's side of the ring: where its queries sit globally, and what every
     step shares."""
 
-    def __init__(self, config, device, features):
+    def __init__(self, config, features, bias, bias_grad=False):
         self.config = config
-        self.device = device  # traced: this device's index on the axis
+        self.device = jax.lax.axis_index(config.axis_name)  # traced
         self.features = features
+        self.bias = bias
+        self.bias_grad = bias_grad  # whether block_grads returns the bias's too
+
+    def source(self, step):
+        """The device whose block arrives `step` hops back on the ring."""
+        return (self.device - step) % self.config.num_devices
+
+    def visit(self, block, step):
+        """`block` with the columns of the local bias and mask that hold its keys: the
+        source's block is columns [source, source + 1) * kv_block of the global keys
+        in the layout's order."""
+        return _Visit(*block, *(self._columns(x, step)
+                                for x in (self.bias, self.features["mask"])))
+
+    def _columns(self, x, step):
+        if x is None or x.shape[3] == 1:
+            return x
+        width = x.shape[3] // self.config.num_devices
+        return jax.lax.dynamic_slice_in_dim(x, self.source(step) * width, width, axis=3)
+
+    def add_columns(self, total, columns, step):
+        """total (the bias's shape) with `columns` (a visit's bias gradient) added where
+        `visit` took them."""
+        if total.shape[3] == 1:
+            return total + columns
+        width, start = columns.shape[3], self.source(step) * columns.shape[3]
+        current = jax.lax.dynamic_slice_in_dim(total, start, width, axis=3)
+        return jax.lax.dynamic_update_slice_in_dim(total, current + columns, start, axis=3)
 
     def chunks(self, owner):
         """The global chunk indices of a block held by device `owner`, in local order."""
@@ -293,10 +380,10 @@ class _Ring:
         return (owner, 2 * self.config.num_devices - 1 - owner)
 
     def attend(self, query, block, step):
-        """(out, lse) of the local queries against `block`, which started `step` hops
-        back on the ring (0: the device's own block, a Python int; else an int or a
-        traced one); hidden key chunks are skipped, not masked."""
-        source = (self.device - step) % self.config.num_devices
+        """(out, lse) of the local queries against `block` (a _Visit), which started
+        `step` hops back on the ring (0: the device's own block, a Python int; else an
+        int or a traced one); hidden key chunks are skipped, not masked."""
+        source = self.source(step)
         queries, keys = self.chunks(self.device), self.chunks(source)
         if not self.config.is_causal:
             return self._attend(query, queries, block, keys, is_causal=False)
@@ -310,7 +397,7 @@ class _Ring:
                 source < self.device,
                 lambda: self._attend(query, queries, block, keys, is_causal=False),
                 lambda: _nothing_seen(query))
-        early, _ = block.halves()
+        early = block.first_half()
         return jax.lax.cond(
             source < self.device,
             # The visitor's early chunk precedes both of ours; its late chunk
@@ -320,13 +407,20 @@ class _Ring:
             lambda: self._late_queries_only(query, queries, block, keys))
 
     def block_grads(self, query, block, step, out, lse, dout):
-        """(dq, dk, dv) in float32: the share of `block` (see `attend`) in the gradients
-        of the merged output `out` (lse: its float32 row logsumexp) for cotangent dout.
+        """(dq, dk, dv, and dbias's columns where the bias is differentiated) in float32:
+        the share of `block` (a _KeyBlock: see `attend`) in the gradients of the merged
+        output `out` (lse: its float32 row logsumexp) for cotangent dout.
 
         out = sum_b w_b out_b with w_b = exp(lse_b - lse), so the block's output gets
         the cotangent w_b dout and its logsumexp w_b <dout, out_b - out>."""
-        attend = lambda q, k, v: self.attend(q, block._replace(key=k, value=v), step)
-        (block_out, block_lse), vjp = jax.vjp(attend, query, block.key, block.value)
+        visit = self.visit(block, step)
+
+        def attend(q, k, v, *bias):
+            return self.attend(q, visit._replace(key=k, value=v, bias=(*bias, visit.bias)[0]),
+                               step)
+        differentiated = (query, visit.key, visit.value) + (
+            (visit.bias,) if self.bias_grad else ())
+        (block_out, block_lse), vjp = jax.vjp(attend, *differentiated)
         seen = jnp.isfinite(lse)  # rows that see no key at all have lse -inf: weight 0
         weight = jnp.where(seen, jnp.exp(block_lse - jnp.where(seen, lse, 0.0)), 0.0)
         dout = dout.astype(jnp.float32)
@@ -346,13 +440,18 @@ class _Ring:
 
     def _attend(self, query, query_chunks, block, key_chunks, is_causal, rows=slice(None)):
         """attention_and_logsumexp of the query rows `rows` (global chunks `query_chunks`)
-        against `block` (global chunks `key_chunks`), with the global lengths turned
-        into the block's local ones."""
+        against `block` (a _Visit of global chunks `key_chunks`), with the global lengths
+        turned into the block's local ones and the window into a band mask."""
         query = query[:, rows]
         features, config = self.features, self.config
         segments = features["query_segment_ids"]
+        mask = _cut(block.mask, 2, rows)
+        band = self._band(query_chunks, query.shape[1], key_chunks, block.key.shape[1])
+        if band is not None:
+            mask = band if mask is None else mask & band
         return attention_and_logsumexp(
-            query, block.key, block.value, is_causal=is_causal, scale=config.scale,
+            query, block.key, block.value, _cut(block.bias, 2, rows), mask,
+            is_causal=is_causal, scale=config.scale,
             query_seq_lengths=_local_lengths(features["query_seq_lengths"], query_chunks,
                                              query.shape[1] // len(query_chunks)),
             key_value_seq_lengths=_local_lengths(features["key_value_seq_lengths"],
@@ -361,6 +460,21 @@ class _Ring:
             query_segment_ids=None if segments is None else segments[:, rows],
             key_value_segment_ids=block.segment_ids,
             logits_soft_cap=config.logits_soft_cap, implementation=config.implementation)
+
+    def _band(self, query_chunks, q_len, key_chunks, kv_len):
+        """The window as a [1, 1, q_len, kv_len] mask from the rows' and keys' global
+        positions (query i sees key j iff -left <= pos(j) - pos(i) <= right), or None."""
+        left, right = self.config.window
+        if (left, right) == (-1, -1):
+            return None
+        offset = (_positions(key_chunks, kv_len // len(key_chunks))[None, :]
+                  - _positions(query_chunks, q_len // len(query_chunks))[:, None])
+        return ((offset >= -left) & (offset <= right))[None, None]
+
+
+def _positions(chunks, chunk_length):
+    """The global positions of a block made of global `chunks` (traced ints), in order."""
+    return jnp.concatenate([c * chunk_length + jnp.arange(chunk_length) for c in chunks])
 
 
 def _nothing_seen(query):
@@ -385,11 +499,25 @@ def _local_lengths(lengths, chunks, chunk_length):
 def _reject(unsupported):
     for name in unsupported:
         if name in UNSUPPORTED:
-            raise ValueError(f"ring_attention does not support {name}: it supports "
-                             "is_causal, sequence lengths, segment ids and logits_soft_cap "
-                             "(a bias, mask, window or dropout would need every block's "
-                             "global positions inside the kernels)")
+            raise ValueError(f"ring_attention does not support {name}: it supports bias, "
+                             "mask, is_causal, sequence lengths, local_window_size, segment "
+                             "ids and logits_soft_cap (dropout draws its mask from positions "
+                             "that a ring step does not know)")
         raise TypeError(f"ring_attention() got an unexpected keyword argument {name!r}")
+
+
+def _checked_scores(name, array, scores_shape):
+    """The bias or mask as a 4-D array broadcastable to [batch, num_heads, q_block,
+    P * kv_block], or None."""
+    if array is None:
+        return None
+    try:
+        return features_lib.as_4d(name, array, scores_shape)
+    except ValueError as error:
+        raise ValueError(f"ring_attention: {error}. A ring's {name} holds this device's "
+                         "query rows (q_len: the query block) against every key of the "
+                         "sequence in the layout's order (kv_len: P x the key block); shard "
+                         "it along axis 2 like the query") from error
 
 
 def _check_layout(layout):

@@ -1,7 +1,7 @@
 """Ring attention (sequence sharded over devices, K/V rotating with ppermute) against
 full attention in float64: output and gradients, causal and not, both layouts, at 2,
-4 and 8 devices, with lengths, segment ids, grouped-query heads and the soft-cap; the
-backward's memory; the layout helpers; argument errors (all under shard_map's default
+4 and 8 devices, with lengths, segment ids, grouped-query heads and the soft-cap, and
+with a bias (and its gradient), a mask and a window; the backward's memory; the layout helpers; argument errors (all under shard_map's default
 check_vma=True); the interpreter under shard_map; the example app.
 
 On a CPU machine conftest gives 8 simulated devices and the kernels run interpreted;
@@ -27,9 +27,12 @@ from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float
 KERNELS = kernel_implementation()
 AXIS = "ring"
 SEQUENCE = PartitionSpec(None, AXIS)
-# How each optional argument is sharded: ids along the sequence, lengths replicated.
-FEATURE_SPECS = {"query_segment_ids": SEQUENCE, "key_value_segment_ids": SEQUENCE,
-                 "query_seq_lengths": PartitionSpec(), "key_value_seq_lengths": PartitionSpec()}
+ROWS = PartitionSpec(None, None, AXIS)
+# The global axes of each optional argument that the layout reorders: the sequence of
+# the ids, the query rows and keys of a bias or mask (those of size > 1).
+LAYOUT_AXES = {"query_segment_ids": (1,), "key_value_segment_ids": (1,),
+               "query_seq_lengths": (), "key_value_seq_lengths": (), "bias": (2, 3),
+               "mask": (2, 3)}
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "sharded_attention.py"
 
 
@@ -41,11 +44,20 @@ def _mesh(num_devices, name=AXIS):
     return Mesh(np.array(devices[:num_devices]), (name,))
 
 
+def _spec(name, x):
+    """How an optional argument is sharded: ids along the sequence, a bias or mask
+    along its query rows (replicated where it has one row), lengths replicated."""
+    if name in ("bias", "mask"):
+        return ROWS if x.shape[2] > 1 else PartitionSpec()
+    return SEQUENCE if LAYOUT_AXES[name] else PartitionSpec()
+
+
 def ring_sharded(num_devices, layout, features, **options):
-    """ring_attention under shard_map, as a function of (q, k, v) and the optional
-    arguments `features` (by name), all global arrays in the layout's order."""
+    """ring_attention under shard_map, as a function of (q, k, v, features) where
+    `features` holds the optional arguments by name, all global arrays in the
+    layout's order."""
     mesh = _mesh(num_devices)
-    specs = {name: FEATURE_SPECS[name] for name in features}
+    specs = {name: _spec(name, x) for name, x in features.items()}
 
     def body(q, k, v, features):
         return jt_attention.ring_attention(q, k, v, axis_name=AXIS, layout=layout,
@@ -55,12 +67,22 @@ def ring_sharded(num_devices, layout, features, **options):
                          out_specs=SEQUENCE)
 
 
+def _relaid(x, axes, num_devices, layout, inverse=False):
+    """x with each of `axes` of size > 1 in the layout's order (or back)."""
+    move = jt_attention.ring_unlayout if inverse else jt_attention.ring_layout
+    for axis in axes:
+        if x.shape[axis] > 1:
+            x = move(np.asarray(x), num_devices, axis=axis, layout=layout)
+    return x
+
+
 def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), per_device=8,
                features_of=None, implementation=KERNELS, **options):
     """Ring attention on fresh random inputs against float64 full attention: output,
     then dq, dk, dv of <out, dout> (jitted). shape: (batch, heads, kv_heads, head_dim,
     dtype); features_of(rng, batch, seq) -> the optional arguments (global order).
-    Returns which rows see no key ([batch, seq, heads], global order)."""
+    With a bias among the features, its gradient is checked too. Returns which rows see
+    no key ([batch, seq, heads], global order)."""
     batch, heads, kv_heads, head_dim, dtype = shape
     seq = per_device * num_devices
     (q, k, v), seed = random_inputs(batch, seq, seq, heads, kv_heads, head_dim, dtype)
@@ -71,15 +93,18 @@ def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), p
     # a reshuffle of sharded arrays that XLA takes seconds to compile.
     lay = lambda x: jt_attention.ring_layout(x, num_devices, layout=layout)
     unlay = lambda x: jt_attention.ring_unlayout(np.asarray(x), num_devices, layout=layout)
-    laid = {name: lay(x) if FEATURE_SPECS[name] == SEQUENCE else x
+    laid = {name: _relaid(x, LAYOUT_AXES[name], num_devices, layout)
             for name, x in features.items()}
     attend = jax.jit(ring_sharded(num_devices, layout, laid,
                                   is_causal=is_causal, implementation=implementation,
                                   **options))
-    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, laid), lay(q), lay(k), lay(v))
+    differentiated = {"bias": laid.pop("bias")} if "bias" in laid else {}
+    out, vjp = jax.vjp(lambda q, k, v, bias: attend(q, k, v, {**laid, **bias}),
+                       lay(q), lay(k), lay(v), differentiated)
     out = unlay(out)
     scale = options.get("scale") or 1 / np.sqrt(head_dim)
-    reference = dict(features, logits_soft_cap=options.get("logits_soft_cap"))
+    reference = dict(features, logits_soft_cap=options.get("logits_soft_cap"),
+                     local_window_size=options.get("local_window_size"))
     want, want_lse = attention_float64(q, k, v, scale, is_causal, **reference)
     tolerance = TOLERANCE[dtype]
     assert out.shape == q.shape and out.dtype == q.dtype, where
@@ -87,10 +112,15 @@ def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), p
     blind = ~np.isfinite(want_lse)  # rows that see no key: exactly 0
     assert np.all(out[blind] == 0), f"rows that see no key {where}"
     dout = rng.standard_normal(q.shape).astype(DTYPES[dtype])
-    grads = vjp(jnp.asarray(lay(dout)))
+    dq, dk, dv, dbias = vjp(jnp.asarray(lay(dout)))
+    grads = [unlay(dq), unlay(dk), unlay(dv)]
+    if dbias:
+        assert dbias["bias"].dtype == features["bias"].dtype, where
+        grads.append(_relaid(dbias["bias"], (2, 3), num_devices, layout, inverse=True))
     wanted = attention_grads_float64(q, k, v, dout, scale, is_causal, **reference)
-    for name, grad, want in zip(("dq", "dk", "dv"), grads, wanted):
-        assert relative_error(unlay(grad), want) < tolerance, f"{name} {where}"
+    for name, grad, want in zip(("dq", "dk", "dv", "dbias")[:len(grads)], grads, wanted,
+                                strict=True):
+        assert relative_error(grad, want) < tolerance, f"{name} {where}"
     return blind
 
 
@@ -131,6 +161,26 @@ def test_lengths_segments_grouped_heads_soft_cap(num_devices, is_causal, layout)
     blind = check_ring(num_devices, is_causal, layout, shape=(2, 2, 1, 16, "float16"),
                        features_of=_lengths_and_segments, logits_soft_cap=2.0, scale=0.5)
     assert blind[1].all() and blind[0].any() and not blind[0].all()
+
+
+def _scores(rows):
+    """A float32 bias [1, heads, rows, seq] and a mask [batch, 1, seq, seq] of random
+    keys (about 1 in 5 hidden)."""
+    def features_of(rng, batch, seq):
+        return dict(bias=rng.standard_normal((1, 2, rows or seq, seq)).astype(np.float32),
+                    mask=rng.random((batch, 1, seq, seq)) < 0.8)
+    return features_of
+
+
+@pytest.mark.parametrize("num_devices,is_causal,layout,window,rows", [
+    (4, True, "zigzag", (5, 0), None), (2, False, "contiguous", (3, 2), None),
+    (4, False, "zigzag", None, 1)], ids=str)
+def test_bias_mask_window(num_devices, is_causal, layout, window, rows):
+    """A bias (with its gradient) and a mask given as the local query rows against the
+    whole sequence, sharded along the rows (or replicated: one row for every query),
+    and a window in global positions, with and without causal."""
+    check_ring(num_devices, is_causal, layout, features_of=_scores(rows),
+               local_window_size=window)
 
 
 def test_backward_memory_does_not_grow_with_devices():
@@ -179,10 +229,15 @@ def test_argument_errors():
         _trace(ring(is_causal=True), seq=6)
     with pytest.raises(ValueError, match="one length"):
         _trace(ring(is_causal=True, layout="contiguous"), kv_seq=12)
-    with pytest.raises(ValueError, match="does not support bias"):
+    with pytest.raises(ValueError, match="does not support dropout_rate"):
+        _trace(ring(dropout_rate=0.1))
+    with pytest.raises(ValueError, match=r"bias.shape=\(1, 1, 4, 4\) does not broadcast.*its "
+                       r"kv_len dim is 4, expected 1 or 8.*every key of the sequence"):
         _trace(ring(bias=jnp.zeros((1, 1, 4, 4))))
-    with pytest.raises(ValueError, match="does not support local_window_size"):
-        _trace(ring(local_window_size=3))
+    with pytest.raises(TypeError, match="mask.dtype=float32; expected bool"):
+        _trace(ring(mask=jnp.zeros((1, 1, 4, 8))))
+    with pytest.raises(ValueError, match="must not be negative"):
+        _trace(ring(local_window_size=(-1, 2)))
     with pytest.raises(TypeError, match="unexpected keyword argument 'biass'"):
         _trace(ring(biass=1))
     with pytest.raises(ValueError, match="layout='diagonal' must be one of"):
