@@ -45,16 +45,18 @@ def _versions():
 
 
 def cached(compile_ttir, result_type, directory, versions):
-    """`compile_ttir(ttir, backend, options, compute_capability, platform)` (jax-triton's
-    compile_ttir_inplace, which returns a `result_type` dataclass: the PTX and its
-    metadata) with its results kept in `directory`."""
-    def compile_or_load(ttir, backend, options, compute_capability, platform):
-        key = repr((str(ttir), repr(options), compute_capability, platform, versions))
+    """`compile_ttir(ttir, backend, *target)` (jax-triton's compile_ttir_inplace, which
+    returns a `result_type` dataclass: the PTX and its metadata) with its results kept
+    in `directory`. target: (options, compute_capability, platform) in jax-triton
+    0.3, (options, gpu_target) in 0.4; the backend object is left out of the key (its
+    repr holds an address)."""
+    def compile_or_load(ttir, backend, *target):
+        key = repr((str(ttir), tuple(repr(x) for x in target), versions))
         path = directory / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
         fields = _load(path, key)
         if fields is not None:
             return result_type(**fields)
-        result = compile_ttir(ttir, backend, options, compute_capability, platform)
+        result = compile_ttir(ttir, backend, *target)
         _store(path, key, dataclasses.asdict(result))
         return result
 

@@ -77,7 +77,27 @@ def main(argv=None):
                            np.dtype(jax.numpy.dtype(args.dtype)), head_dim ** -0.5, args.causal)
     kernel = "flash" if problem.uses_flash_kernel else "two-pass (head dim above the flash limit)"
     print(f"problem {args.shape} {args.dtype}{' causal' if args.causal else ''}: {kernel} kernels")
+    problem = plan.with_tma(problem, _describe_tma(problem))
     _describe_plan(problem, compute_capability, num_sms)
+
+
+def _describe_tma(problem):
+    """Prints whether the flash kernels take their TMA variant here, and why; returns it."""
+    if not problem.tma_eligible:
+        print("memory access: pointer loads (TMA needs the flash kernels and rows of a "
+              "multiple of 16 bytes)")
+        return False
+    if not _has_cuda_gpu():
+        print("memory access: pointer loads here; on an H100 with jax-triton >= 0.4 "
+              "(Triton >= 3.7), TMA tensor descriptors")
+        return False
+    from jt_attention import launch
+
+    supported = launch.tma_supported()
+    print("memory access: " + ("TMA tensor descriptors (sm_90, jax-triton >= 0.4)" if supported
+                               else "pointer loads (TMA needs sm_90 and jax-triton >= 0.4, "
+                               "and JT_ATTENTION_TMA not 0)"))
+    return supported
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Block sizes here are small on purpose: the tests' short sequences then still
 cross several blocks and score tiles, so every masked and unmasked path runs.
 """
 
+import os
 import threading
 
 import jax
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 
-from jt_attention.plan import (Buffer, backward_outputs, backward_plan, forward_outputs,
-                               forward_plan)
+from jt_attention.plan import (TMA_ENVIRONMENT, Buffer, backward_outputs, backward_plan,
+                               forward_outputs, forward_plan, with_tma)
 
 INTERPRETER_SCORE_TILE_N = 32
 INTERPRETER_BLOCKS = {
@@ -202,14 +203,20 @@ def _run_in_callback(launches, inputs, names):
     return jax.pure_callback(host, result_shapes, *inputs.values(), vmap_method="sequential")
 
 
+def _with_tma(problem):
+    """The interpreter runs the TMA variant of the flash kernels (tensor descriptors)
+    only where JT_ATTENTION_TMA=1 asks: for testing the kernels a Hopper GPU would run."""
+    return with_tma(problem, os.environ.get(TMA_ENVIRONMENT) == "1")
+
+
 def forward_launches(problem, for_backward):
     """The forward plan as the interpreter runs it (its score tiles and program count)."""
-    return forward_plan(problem, for_backward, score_tile_n=INTERPRETER_SCORE_TILE_N,
-                        num_sms=INTERPRETER_SMS)
+    return forward_plan(_with_tma(problem), for_backward,
+                        score_tile_n=INTERPRETER_SCORE_TILE_N, num_sms=INTERPRETER_SMS)
 
 
 def backward_launches(problem):
-    return backward_plan(problem, INTERPRETER_SMS)
+    return backward_plan(_with_tma(problem), INTERPRETER_SMS)
 
 
 def interpret_forward(inputs, problem, for_backward):

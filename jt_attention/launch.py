@@ -7,11 +7,12 @@ with the grid computed from the winning config's block sizes.
 
 import functools
 import inspect
+import os
 
 import jax
 import jax.numpy as jnp
 
-from jt_attention import compile_cache, tuning
+from jt_attention import compile_cache, plan, tuning
 from jt_attention.plan import backward_outputs, backward_plan, forward_outputs, forward_plan
 
 
@@ -28,21 +29,49 @@ def multiprocessor_count():
 
 
 @functools.cache
-def _out_keyword(triton_call):
+def tma_supported():
+    """Whether the flash kernels may address memory through TMA tensor descriptors: a
+    Hopper GPU (sm_90), and jax-triton 0.4 or later (with Triton 3.7 or later), whose
+    launcher gives kernels the global scratch that descriptors built on the device
+    are written to (0.3.1 passes a null pointer, and they fault). JT_ATTENTION_TMA=0
+    turns it off."""
+    import jax_triton
+
+    return (os.environ.get(plan.TMA_ENVIRONMENT) != "0" and compute_capability() == "9.0"
+            and _is_jax_triton_04(jax_triton.triton_call))
+
+
+@functools.cache
+def _is_jax_triton_04(triton_call):
     """jax-triton 0.4 renamed out_shape= to out_type= (0.3.1 knows only out_shape=)."""
-    return "out_type" if "out_type" in inspect.signature(triton_call).parameters else "out_shape"
+    return "out_type" in inspect.signature(triton_call).parameters
 
 
 def _unwritten(dtype):
     return jnp.zeros((1,), dtype)
 
 
-def _in_place_aliases(launch):
-    """jax-triton's input_output_aliases: array-input index (ints are not arrays) ->
-    output index, for the outputs the launch updates in place."""
-    arrays = [x for x in launch.inputs if not isinstance(x, int)]
+def _in_place(launch, buffers, jax_triton_04):
+    """(keyword arguments, input_output_aliases) for the outputs the launch updates in
+    place. The kernels take (inputs..., outputs..., constexprs...).
+
+    jax-triton 0.3.1: every output keeps its pointer parameter (jaxlib passes the
+    input's buffer there); the alias maps the array input's index (ints are not
+    arrays) to the output's. 0.4: an aliased output has no pointer of its own, the
+    kernel writes through an operand; so the output's parameter is bound, by name, to
+    the buffer, and the alias maps that operand's index (every non-constexpr argument
+    before it counts, ints too) to the output's."""
     outputs = [b.name for b in launch.outputs]
-    return {arrays.index(name): outputs.index(name) for name in launch.in_place}
+    if not jax_triton_04:
+        arrays = [x for x in launch.inputs if not isinstance(x, int)]
+        return {}, {arrays.index(name): outputs.index(name) for name in launch.in_place}
+    output_params = launch.kernel.arg_names[len(launch.inputs):]
+    keywords, aliases = {}, {}
+    for index, name in enumerate(outputs):
+        if name in launch.in_place:
+            aliases[len(launch.inputs) + len(keywords)] = index
+            keywords[output_params[index]] = buffers[name]
+    return keywords, aliases
 
 
 def _after(arguments, previous, buffers):
@@ -73,12 +102,15 @@ def _run_launches(launches, buffers, problem):
         if launch.after_previous:
             arguments = _after(arguments, previous, buffers)
         zeroed = {"zeroed_outputs": launch.zeroed_outputs} if launch.zeroed_outputs else {}
+        jax_triton_04 = _is_jax_triton_04(jax_triton.triton_call)
+        in_place, aliases = _in_place(launch, buffers, jax_triton_04)
         outputs = jax_triton.triton_call(
             *arguments,
             kernel=kernel,
             grid=launch.grid,
-            input_output_aliases=_in_place_aliases(launch),
-            **{_out_keyword(jax_triton.triton_call): out_types},
+            input_output_aliases=aliases,
+            **{"out_type" if jax_triton_04 else "out_shape": out_types},
+            **in_place,
             **zeroed,
             **launch.metaparams)
         previous = tuple(b.name for b in launch.outputs)
@@ -90,7 +122,8 @@ def triton_forward(inputs, problem, for_backward):
     """(out, lse [B, H, Sq] fp32, *kept) on the GPU from the named inputs (q, k, v and
     the feature operands), kept being plan.kept_buffers(problem) if `for_backward`, else
     none; traceable, no host synchronisation."""
-    launches = forward_plan(problem, for_backward, num_sms=multiprocessor_count())
+    launches = forward_plan(plan.with_tma(problem, tma_supported()), for_backward,
+                            num_sms=multiprocessor_count())
     buffers = _run_launches(launches, dict(inputs), problem)
     return tuple(buffers[name] for name in forward_outputs(problem, for_backward))
 
@@ -98,6 +131,6 @@ def triton_forward(inputs, problem, for_backward):
 def triton_backward(inputs, problem):
     """plan.backward_outputs(problem) (dq, dk, dv and maybe dbias) from the named
     plan.backward_inputs(problem): the forward's residuals and the cotangents."""
-    buffers = _run_launches(backward_plan(problem, multiprocessor_count()), dict(inputs),
-                            problem)
+    launches = backward_plan(plan.with_tma(problem, tma_supported()), multiprocessor_count())
+    buffers = _run_launches(launches, dict(inputs), problem)
     return tuple(buffers[name] for name in backward_outputs(problem))

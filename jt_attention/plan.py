@@ -37,6 +37,18 @@ class Problem:
     is_causal: bool
     heads_major: bool = False  # True for the [B, H, S, D] layout
     features: Features = Features()
+    # The flash kernels address q, k, v, dO and their outputs through TMA tensor
+    # descriptors (tiles.rows_source). Set by the launcher where the device and the
+    # stack offer it (launch.tma_supported) and the problem allows it (tma_eligible).
+    tma: bool = False
+
+    @property
+    def tma_eligible(self):
+        """Whether the flash kernels could use TMA here: descriptors need 16-byte
+        aligned rows (head dim x item size a multiple of 16, which also aligns every
+        (batch, head) base) and 32-bit offsets."""
+        return (self.uses_flash_kernel and self.head_dim * self.itemsize % 16 == 0
+                and not self.wide_indexing)
 
     @property
     def itemsize(self):
@@ -54,7 +66,7 @@ class Problem:
                        + (1 if features.mask else 0))
         masked = bool(self.is_causal or features.window != (-1, -1) or features.spans
                       or features.segments or features.mask)
-        return tuning.Footprint(self.itemsize, self.block_d, score_bytes, masked)
+        return tuning.Footprint(self.itemsize, self.block_d, score_bytes, masked, self.tma)
 
     @property
     def batch_inner(self):
@@ -268,7 +280,7 @@ def _common_constexprs(p):
                 DROPOUT_BROADCAST=features.dropout_broadcast,
                 DROPOUT_SEED_BATCH=features.dropout_seed_batch,
                 BATCH=p.batch if p.batch_inner else 1,  # unused otherwise: no recompiles
-                DOT_PRECISION=p.dot_precision, WIDE_INDEXING=p.wide_indexing)
+                DOT_PRECISION=p.dot_precision, WIDE_INDEXING=p.wide_indexing, TMA=p.tma)
 
 
 # The feature operands (features.Operands), in the order the kernels that walk keys
@@ -457,6 +469,17 @@ def forward_outputs(p, for_backward):
     return FORWARD_OUTPUTS + (kept_buffers(p) if for_backward else ())
 
 
+# JT_ATTENTION_TMA=0 keeps the GPU's flash kernels on pointer loads; =1 makes the
+# interpreter run their TMA variant (launch.tma_supported, interpret._with_tma).
+TMA_ENVIRONMENT = "JT_ATTENTION_TMA"
+
+
+def with_tma(p, supported):
+    """p with `tma` set where the device and the stack support TMA (`supported`) and the
+    problem allows it (Problem.tma_eligible)."""
+    return dataclasses.replace(p, tma=bool(supported) and p.tma_eligible)
+
+
 def forward_plan(p, for_backward=False, score_tile_n=tuning.SCORE_TILE_N, num_sms=0):
     """The launches of the forward pass; they write FORWARD_OUTPUTS, and kept_buffers(p)
     too if `for_backward`. num_sms: the GPU's SM count, for persistent grids (0: none)."""
@@ -551,7 +574,7 @@ def _persistent_programs(p, num_sms):
     PERSISTENT), or 0 where none applies: num_sms = 0, rows of unequal length (causal,
     a window or spans), and rows, keys or head dims that the persistent config's
     blocks do not divide (their masked loops, flattened, took 16-48 KB more shared
-    memory than the config and spilled on sm_90: WORKSPACE_NOTES.md, session 9)."""
+    memory than the config and spilled on sm_90: WORKSPACE_NOTES.md, "v9b")."""
     blocks = tuning.PERSISTENT_BLOCKS
     features = p.features
     uniform_rows = not (p.is_causal or features.window != (-1, -1) or features.spans)

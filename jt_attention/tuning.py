@@ -47,8 +47,8 @@ WHOLE_ROW_MAX_KEYS = 512
 # bytes they run over the batch·heads in chunks (plan.Problem.head_chunks), so their
 # scratch stays within it, whatever the batch and head count. Chunks cost time (H100,
 # B4 H32 S2048 D512 forward + backward: 8.18 ms in one chunk, 8.48 in two, 8.70 in
-# eight; WORKSPACE_NOTES.md, session 11), so the budget is set where that shape, the
-# issue-4 benchmark, still runs whole.
+# eight; WORKSPACE_NOTES.md, "v11: head chunks"), so the budget is set where that
+# shape, a training benchmark row, still runs whole.
 SCORE_SCRATCH_BYTES = 2 << 30
 
 # No config's BLOCK_M, BLOCK_N or BLOCK_R is smaller (tests/test_compile.py checks):
@@ -115,7 +115,7 @@ ROW_SOFTMAX = dict(  # 16-bit inputs only (plan.Problem.whole_rows); ROW_KEYS is
     small_parts=[_config(8, 2, BLOCK_M=64, BLOCK_K=32)],
 )
 WEIGHTED_VALUES = dict(
-    # 8w3s D128 (the seed's winner until session 6) gave 5e-3 errors on the seed
+    # 8w3s D128 (the seed's winner until 2026-11-24) gave 5e-3 errors on the seed
     # workload on the H100 (Triton 3.6): not shipped there.
     h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=256),   # 8 of 9 large shapes; seed causal
           _config(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_D=256)],  # seed
@@ -205,8 +205,8 @@ DSCORES_FROM_PROBS = dict(
 DSCORES_WHOLE_ROWS = ROW_SOFTMAX  # the same loop; seed 1.482 ms (K32 5 stages 1.684)
 PERSISTENT_BLOCKS = dict(BLOCK_R=128, BLOCK_C=64, BLOCK_D=256)  # of the persistent config
 PROBS_MATMUL = dict(  # the forward's P.V (rows <= WHOLE_ROW_MAX_KEYS) and backward GEMMs
-    # seed P.V 1.225 ms; R256 D128 1.263, R64 D512 1.390, C128 2 stages 1.536 (session 8)
-    h100=[_config(8, 4, **PERSISTENT_BLOCKS, PERSISTENT=1),  # seed P.V 1.190 ms vs 1.259 (s9)
+    # seed P.V 1.225 ms; R256 D128 1.263, R64 D512 1.390, C128 2 stages 1.536 (2026-11-24)
+    h100=[_config(8, 4, **PERSISTENT_BLOCKS, PERSISTENT=1),  # seed P.V 1.190 ms vs 1.259 (v9b)
           _config(8, 4, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256, PERSISTENT=0),   # seed
           _config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=256, PERSISTENT=0)],  # head dim 512
     small_parts=[_config(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_D=128, PERSISTENT=0),
@@ -269,6 +269,13 @@ class Footprint(NamedTuple):
     block_d: int
     score_bytes: int = 0   # bytes per score element of the bias and the mask
     masked: bool = False   # causal, a window, spans, segment ids or a mask
+    tma: bool = False      # the flash kernels' TMA variant (plan.Problem.tma)
+
+
+# TMA loads complete on mbarriers in shared memory, a few per pipeline stage; the
+# compiler's figure for the TMA variants (sm_90, Triton 3.9) was up to 24 bytes over
+# the pointer variants' estimate.
+TMA_BARRIER_BYTES = KIB
 
 
 def _feature_slack(config, footprint):
@@ -309,7 +316,8 @@ class KernelTuning(NamedTuple):
     def estimate(self, config, footprint):
         """Estimated shared memory of `config` for a launch of this footprint."""
         return (self.shared_bytes(config, footprint.block_d, footprint.itemsize)
-                + self.feature_bytes(config, footprint))
+                + self.feature_bytes(config, footprint)
+                + (TMA_BARRIER_BYTES if footprint.tma else 0))
 
     @property
     def configs(self):

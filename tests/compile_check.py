@@ -112,6 +112,16 @@ def _skip_assembly(backend=None, stages=None, options=None, language=None, capab
     stages["cubin"] = lambda src, metadata: b""
 
 
+def _variants(problem):
+    """(problem, targets, nearest_only) to compile: the problem on both targets (with
+    every feature: sm_90 only, the config nearest the limit: see FEATURE_CONFIGS), and
+    where the flash kernels may use TMA, their TMA variant for sm_90 (nearest only)."""
+    features = problem.features.bias != ()
+    yield problem, ("9.0",) if features else tuple(TARGETS), features
+    if problem.tma_eligible:
+        yield plan.with_tma(problem, True), ("9.0",), True
+
+
 def main():
     triton.knobs.runtime.add_stages_inspection_hook = _skip_assembly
     compiled_before = set()
@@ -119,30 +129,38 @@ def main():
         problem = plan.Problem(2, seq_q, seq_k, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
         if features:
             problem = every_feature(problem)
-        launches = every_launch(problem, H100_SMS)
-        buffer_dtypes = _buffer_dtypes(problem, launches)
-        for cc in TARGETS if not features else ("9.0",):  # see FEATURE_CONFIGS
-            for launch in launches:
-                estimate = tuning.KERNEL_TUNING[launch.kernel].estimate
-                configs = tuning.fitting_configs(launch.kernel, cc, problem.footprint,
-                                                 launch.has_persistent_grid)
-                if features:  # the config nearest the limit (see FEATURE_CONFIGS)
-                    configs = [max(configs, key=lambda c: estimate(c, problem.footprint))]
-                for config in configs:
-                    key = _same_code(launch, buffer_dtypes, config, cc)
-                    if key in compiled_before:
-                        continue
-                    compiled_before.add(key)
-                    compiled = compile_launch(launch, buffer_dtypes, config, cc)
-                    print(json.dumps(dict(
-                        kernel=launch.kernel.fn.__name__, dtype=dtype, head_dim=head_dim,
-                        features=features,
-                        target=cc, config=str(config), shared=compiled.metadata.shared,
-                        estimate=estimate(config, problem.footprint),
-                        limit=tuning.shared_memory_limit(cc),
-                        tensor_cores=("wgmma" if "wgmma" in compiled.asm["ptx"] else
-                                      "mma" if "mma.sync" in compiled.asm["ptx"] else "none"))),
-                          flush=True)
+        for variant, targets, nearest_only in _variants(problem):
+            launches = every_launch(variant, H100_SMS)
+            buffer_dtypes = _buffer_dtypes(variant, launches)
+            if variant.tma:  # the launches that take it
+                launches = [launch for launch in launches if "TMA" in launch.metaparams]
+            for cc in targets:
+                for launch in launches:
+                    _compile_configs(launch, variant, buffer_dtypes, cc, nearest_only,
+                                     compiled_before, features)
+
+
+def _compile_configs(launch, problem, buffer_dtypes, cc, nearest_only, compiled_before,
+                     features):
+    estimate = tuning.KERNEL_TUNING[launch.kernel].estimate
+    configs = tuning.fitting_configs(launch.kernel, cc, problem.footprint,
+                                     launch.has_persistent_grid)
+    if nearest_only:
+        configs = [max(configs, key=lambda c: estimate(c, problem.footprint))]
+    for config in configs:
+        key = _same_code(launch, buffer_dtypes, config, cc)
+        if key in compiled_before:
+            continue
+        compiled_before.add(key)
+        compiled = compile_launch(launch, buffer_dtypes, config, cc)
+        ptx = compiled.asm["ptx"]
+        print(json.dumps(dict(
+            kernel=launch.kernel.fn.__name__, dtype=str(problem.dtype),
+            head_dim=problem.head_dim, features=features, tma=problem.tma, target=cc,
+            config=str(config), shared=compiled.metadata.shared,
+            estimate=estimate(config, problem.footprint), limit=tuning.shared_memory_limit(cc),
+            tensor_cores=("wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"),
+            bulk_tensor_copies="cp.async.bulk.tensor" in ptx)), flush=True)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def test_sweep_matches_jax_nn_on_gpu(head_dim, dtype, causal, seq_q, seq_k):
     (520, "bfloat16", True, 1000, 333), (264, "float16", False, 300, 777)])
 def test_every_config_on_gpu(monkeypatch, head_dim, dtype, causal, seq_q, seq_k):
     """Each shipped config of every launch, forced one at a time on the GPU: autotuning
-    must never be able to pick a config that computes a wrong result (session 6 found
+    must never be able to pick a config that computes a wrong result (2026-11-24 found
     one that did on the seed workload: WORKSPACE_NOTES.md)."""
     (q, k, v), seed = random_inputs(2, seq_q, seq_k, 4, 4, head_dim, dtype)
     dout = _cotangent(q.shape, dtype)

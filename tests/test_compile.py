@@ -67,6 +67,17 @@ def test_tensor_cores_used(compiled):
     assert all(wgmma.values()) and wgmma, dict(wgmma)
 
 
+def test_tma_variant_moves_tiles_with_bulk_tensor_copies(compiled):
+    """The flash kernels' TMA variant (sm_90) loads and stores q, k, v, dO and their
+    outputs with the tensor memory accelerator (cp.async.bulk.tensor); no pointer
+    variant does."""
+    tma = {row["kernel"] for row in compiled if row["tma"] and row["bulk_tensor_copies"]}
+    assert tma == {"_flash_forward_kernel", "_flash_query_grads_kernel",
+                   "_flash_key_grads_kernel"}, tma
+    assert not any(row["bulk_tensor_copies"] for row in compiled if not row["tma"])
+    assert all(row["target"] == "9.0" for row in compiled if row["tma"])
+
+
 @pytest.mark.parametrize("compute_capability", ["8.9", "9.0"])
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256, 512, 1024])

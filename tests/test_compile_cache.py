@@ -41,6 +41,21 @@ def test_key_covers_ir_options_device_and_versions(tmp_path):
     assert len(calls) == 5
 
 
+def test_jax_triton_04_signature(tmp_path):
+    """jax-triton 0.4 calls compile_ttir_inplace(ttir, backend, options, gpu_target)."""
+    calls = []
+
+    def compile_ttir(ttir, backend, options, gpu_target):
+        calls.append((str(ttir), gpu_target))
+        return FakeResult(f"ptx of {ttir} for {gpu_target}", "kernel", 1024, (1, 1, 1))
+
+    first = compile_cache.cached(compile_ttir, FakeResult, tmp_path, ("v",))
+    want = first("ttir A", None, "warps=4", "sm_90")
+    assert first("ttir A", None, "warps=4", "sm_90") == want
+    first("ttir A", None, "warps=4", "sm_89")
+    assert calls == [("ttir A", "sm_90"), ("ttir A", "sm_89")]
+
+
 def test_damaged_entry_is_compiled_again(tmp_path):
     calls = []
     compile_ttir = compile_cache.cached(_counting_compile(calls), FakeResult, tmp_path, ("v",))

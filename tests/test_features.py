@@ -27,6 +27,7 @@ IMPLEMENTATIONS = [KERNELS, "xla"]
 # (batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype): one per kernel family
 FAMILIES = {
     "flash": (2, 45, 53, 4, 2, 32, "float16"),
+    "flash_tma": (2, 45, 53, 4, 2, 32, "bfloat16"),       # the same kernels through TMA
     "split_kv": (1, 5, 1100, 2, 1, 64, "bfloat16"),        # decoding: split-KV + combine
     "whole_rows": (1, 40, 50, 2, 2, 264, "float16"),       # two-pass, whole rows, P kept
     "tiled_kept": (1, 37, 60, 2, 1, 72, "float32"),        # two-pass tiles, P kept
@@ -91,14 +92,17 @@ FEATURE_SETS = ["bias", "mask", "lengths", "window", "soft_cap", "segments", "dr
 # through the API with everything at once, and with dropout (its own mask draw).
 TWO_PASS_SETS = ["bias", "soft_cap", "dropout", "everything"]
 FAMILY_SETS = dict(flash=FEATURE_SETS, split_kv=["bias", "lengths", "soft_cap", "dropout",
-                                                  "everything"])
+                                                  "everything"],
+                   flash_tma=["bias", "lengths", "everything"])
 BATTERY = [(KERNELS, family, feature) for family in FAMILIES
            for feature in FAMILY_SETS.get(family, TWO_PASS_SETS)]
 BATTERY += [("xla", "flash", feature) for feature in ("dropout", "everything")]
 
 
 @pytest.mark.parametrize("implementation,family,feature", BATTERY, ids=str)
-def test_feature_in_every_family(feature, family, implementation):
+def test_feature_in_every_family(feature, family, implementation, monkeypatch):
+    if family == "flash_tma":  # the interpreter runs the TMA variant where asked to
+        monkeypatch.setenv(plan.TMA_ENVIRONMENT, "1")
     shape = FAMILIES[family]
     kwargs = feature_kwargs(feature, shape, np.random.default_rng())
     check_against_float64(shape, implementation, f"{feature=} {family=}", **kwargs)
@@ -106,7 +110,8 @@ def test_feature_in_every_family(feature, family, implementation):
 
 def test_families_take_their_kernels():
     """Each family's features problem runs the kernels it is named for."""
-    expected = {"flash": "_flash_forward_kernel", "split_kv": "_split_kv_kernel",
+    expected = {"flash": "_flash_forward_kernel", "flash_tma": "_flash_forward_kernel",
+                "split_kv": "_split_kv_kernel",
                 "whole_rows": "_row_softmax_kernel",
                 "tiled_kept": "_weighted_values_keeping_probs_kernel",
                 "recomputed": "_score_grads_kernel"}  # without soft-cap or dropout
@@ -114,9 +119,12 @@ def test_families_take_their_kernels():
         problem = plan.Problem(b, sq, sk, n, k, d, np.dtype(DTYPES[dtype]), 0.1, True,
                                features=Features(window=(7, 3), bias=(1, n, sq, sk),
                                                  bias_grad=True))
-        names = {l.kernel.fn.__name__ for l in plan.forward_plan(problem, for_backward=True)
-                 + plan.backward_plan(problem)}
+        problem = plan.with_tma(problem, family == "flash_tma")
+        launches = plan.forward_plan(problem, for_backward=True) + plan.backward_plan(problem)
+        names = {l.kernel.fn.__name__ for l in launches}
         assert expected[family] in names, (family, names)
+        tma = {l.metaparams["TMA"] for l in launches if "TMA" in l.metaparams}
+        assert tma == ({True} if family == "flash_tma" else tma - {True}), (family, tma)
 
 
 # Bias shapes broadcast to [2, 4, 45, 53] (heads: 4 query heads, 2 KV heads).

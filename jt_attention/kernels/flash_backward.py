@@ -25,11 +25,12 @@ import triton.language as tl
 
 from jt_attention.kernels import masking
 from jt_attention.kernels.backward_preprocess import load_row_stats, load_rows
-from jt_attention.kernels.tiles import block_coords, load_tile, row_step, store_tile, tile_ptrs
+from jt_attention.kernels.tiles import (block_coords, load_from, rows_source, store_to,
+                                        tile_ptrs, tile_source)
 
 
 @triton.jit
-def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m, offs_m,
+def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m, offs_m,
                     keys, offs_d, spans, q_segments_base, key_segments_base, mask_base, bias_base,
                     seed_ptr, batch_head,
                     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
@@ -40,17 +41,18 @@ def _key_grads_step(dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr, delta_ptr, start_m
                     WINDOW_RIGHT: tl.constexpr, NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr,
                     SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     STRIDE_QS: tl.constexpr, STRIDE_DOS: tl.constexpr, MASKED: tl.constexpr,
-                    RAGGED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    RAGGED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    TMA: tl.constexpr):
     """dV += P^T . dO and dK += dS^T . Q for queries [start_m, start_m + BLOCK_M).
 
     Works on transposed tiles ([keys, queries]) so no tile needs a transpose of a
     product. MASKED applies masking.visible (with the queries' key spans `spans`);
     RAGGED_ROWS bounds the query loads (SEQ_Q is not a multiple of BLOCK_M)."""
     rows = start_m + offs_m
-    q = load_tile(q_ptrs + row_step(start_m, STRIDE_QS, SEQ_Q), rows, offs_d, SEQ_Q,
-                  HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
-    dout = load_tile(dout_ptrs + row_step(start_m, STRIDE_DOS, SEQ_Q), rows, offs_d, SEQ_Q,
-                     HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    q = load_from(q_rows, start_m, rows, offs_d, STRIDE_QS, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
+                  BLOCK_D != HEAD_DIM, TMA)
+    dout = load_from(dout_rows, start_m, rows, offs_d, STRIDE_DOS, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
+                     BLOCK_D != HEAD_DIM, TMA)
     lse, delta = load_row_stats(lse_ptr, delta_ptr, rows, SEQ_Q, RAGGED_ROWS)
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     scores_t, cap_grad_t = masking.logits(qk_t, bias_base, rows[None, :], keys[:, None], SCALE,
@@ -96,7 +98,7 @@ def _flash_key_grads_kernel(
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
     DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDE_INDEXING: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """programs (cdiv(SEQ_K, BLOCK_N), batch * NUM_KV_HEADS), or tiles.block_coords'
@@ -113,14 +115,19 @@ def _flash_key_grads_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
-    # dK and dV are laid out like K and V. The scalar bases go first, then the tile.
+    # dK and dV are laid out like K and V. The scalar bases go first, then the tile; the
+    # pointers hold the keys' tile, so their start is 0.
     k_base = batch * STRIDE_KB + kv_head * STRIDE_KH
     v_base = batch * STRIDE_VB + kv_head * STRIDE_VH
     kv_offsets = tile_ptrs(0, keys, offs_d, STRIDE_KS, SEQ_K)
-    k = load_tile(k_ptr + k_base + kv_offsets, keys, offs_d, SEQ_K, HEAD_DIM, RAGGED_KEYS,
-                  BLOCK_D != HEAD_DIM)
-    v = load_tile(v_ptr + v_base + kv_offsets, keys, offs_d, SEQ_K, HEAD_DIM, RAGGED_KEYS,
-                  BLOCK_D != HEAD_DIM)
+    k = load_from(rows_source(k_ptr + k_base + kv_offsets, k_ptr + k_base, STRIDE_KS, SEQ_K,
+                              HEAD_DIM, TMA),
+                  start_n * TMA, keys, offs_d, STRIDE_KS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM, TMA)
+    v = load_from(rows_source(v_ptr + v_base + kv_offsets, v_ptr + v_base, STRIDE_VS, SEQ_K,
+                              HEAD_DIM, TMA),
+                  start_n * TMA, keys, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_segments_base = q_segments_ptr + batch * SEQ_Q
@@ -128,10 +135,10 @@ def _flash_key_grads_kernel(
 
     for group_member in range(KV_GROUP):
         head = kv_head * KV_GROUP + group_member
-        q_ptrs = tile_ptrs(q_ptr + batch * STRIDE_QB + head * STRIDE_QH, offs_m, offs_d,
-                           STRIDE_QS, SEQ_Q)
-        dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, offs_m, offs_d,
-                              STRIDE_DOS, SEQ_Q)
+        q_base = q_ptr + batch * STRIDE_QB + head * STRIDE_QH
+        q_rows = tile_source(q_base, offs_m, offs_d, STRIDE_QS, SEQ_Q, HEAD_DIM, TMA)
+        dout_base = dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH
+        dout_rows = tile_source(dout_base, offs_m, offs_d, STRIDE_DOS, SEQ_Q, HEAD_DIM, TMA)
         row_offset = (batch * NUM_HEADS + head) * SEQ_Q
         bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q,
                                        SEQ_K)
@@ -143,38 +150,42 @@ def _flash_key_grads_kernel(
             BLOCK_N, BLOCK_M, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SPANS)
         for start_m in range(start, full_start, BLOCK_M):
             dk, dv = _key_grads_step(
-                dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
+                dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
                 start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
                 bias_base, dropout_seed_ptr, batch * NUM_HEADS + head, DROPOUT_THRESHOLD,
                 DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
-                BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION)
+                BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION, TMA)
         for start_m in range(full_start, full_end, BLOCK_M):
             dk, dv = _key_grads_step(
-                dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
+                dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
                 start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
                 bias_base, dropout_seed_ptr, batch * NUM_HEADS + head, DROPOUT_THRESHOLD,
                 DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
-                BLOCK_D, STRIDE_QS, STRIDE_DOS, False, RAGGED_ROWS, DOT_PRECISION)
+                BLOCK_D, STRIDE_QS, STRIDE_DOS, False, RAGGED_ROWS, DOT_PRECISION, TMA)
         for start_m in range(full_end, stop, BLOCK_M):
             dk, dv = _key_grads_step(
-                dk, dv, k, v, q_ptrs, dout_ptrs, lse_ptr + row_offset, delta_ptr + row_offset,
+                dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
                 start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
                 bias_base, dropout_seed_ptr, batch * NUM_HEADS + head, DROPOUT_THRESHOLD,
                 DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
-                BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION)
+                BLOCK_D, STRIDE_QS, STRIDE_DOS, True, RAGGED_ROWS, DOT_PRECISION, TMA)
 
     dk *= SCALE
-    store_tile(dk_ptr + k_base + kv_offsets, dk.to(dk_ptr.dtype.element_ty), keys, offs_d, SEQ_K,
-               HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM)
-    store_tile(dv_ptr + v_base + kv_offsets, dv.to(dv_ptr.dtype.element_ty), keys, offs_d, SEQ_K,
-               HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM)
+    store_to(rows_source(dk_ptr + k_base + kv_offsets, dk_ptr + k_base, STRIDE_KS, SEQ_K,
+                         HEAD_DIM, TMA),
+             start_n * TMA, dk.to(dk_ptr.dtype.element_ty), keys, offs_d, STRIDE_KS, SEQ_K,
+             HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM, TMA)
+    store_to(rows_source(dv_ptr + v_base + kv_offsets, dv_ptr + v_base, STRIDE_VS, SEQ_K,
+                         HEAD_DIM, TMA),
+             start_n * TMA, dv.to(dv_ptr.dtype.element_ty), keys, offs_d, STRIDE_VS, SEQ_K,
+             HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM, TMA)
 
 
 @triton.jit
-def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n,
+def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n,
                       offs_d, batch, head, lo, hi, q_segment, key_segments_base, mask_base,
                       bias_base, seed_ptr,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
@@ -186,14 +197,15 @@ def _query_grads_step(dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_
                       NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       STRIDE_KS: tl.constexpr, STRIDE_VS: tl.constexpr, MASKED: tl.constexpr,
-                      RAGGED_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      RAGGED_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      TMA: tl.constexpr):
     """dQ += dS . K (unscaled) for keys [start_n, start_n + BLOCK_N), and the tile's bias
     gradient (BIAS_GRAD: a masking.store_bias_grad mode, 0 for none)."""
     cols = start_n + offs_n
-    k = load_tile(k_ptrs + row_step(start_n, STRIDE_KS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
-                  RAGGED_KEYS, BLOCK_D != HEAD_DIM)
-    v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
-                  RAGGED_KEYS, BLOCK_D != HEAD_DIM)
+    k = load_from(k_rows, start_n, cols, offs_d, STRIDE_KS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM, TMA)
+    v = load_from(v_rows, start_n, cols, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     scores, cap_grad = masking.logits(qk, bias_base, rows[:, None], cols[None, :], SCALE,
                                       SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
@@ -235,7 +247,7 @@ def _flash_query_grads_kernel(
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
     DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDE_INDEXING: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS), or tiles.block_coords'
@@ -253,25 +265,31 @@ def _flash_query_grads_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
-    q_offsets = tile_ptrs(batch * STRIDE_QB + head * STRIDE_QH, rows, offs_d, STRIDE_QS, SEQ_Q)
-    q = load_tile(q_ptr + q_offsets, rows, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
-                  BLOCK_D != HEAD_DIM)
-    dout_ptrs = tile_ptrs(dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH, rows,
-                          offs_d, STRIDE_DOS, SEQ_Q)
-    dout = load_tile(dout_ptrs, rows, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
-    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, rows, offs_d,
-                         STRIDE_OS, SEQ_Q)
-    out = load_tile(out_ptrs, rows, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    # The pointers of q, dO, O and dQ hold the rows' tile, so their start is 0.
+    q_base = batch * STRIDE_QB + head * STRIDE_QH  # dQ is laid out like q
+    q_offsets = tile_ptrs(q_base, rows, offs_d, STRIDE_QS, SEQ_Q)
+    q = load_from(rows_source(q_ptr + q_offsets, q_ptr + q_base, STRIDE_QS, SEQ_Q, HEAD_DIM,
+                              TMA),
+                  start_m * TMA, rows, offs_d, STRIDE_QS, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
+                  BLOCK_D != HEAD_DIM, TMA)
+    dout_base = dout_ptr + batch * STRIDE_DOB + head * STRIDE_DOH
+    dout = load_from(tile_source(dout_base, rows, offs_d, STRIDE_DOS, SEQ_Q, HEAD_DIM, TMA),
+                     start_m * TMA, rows, offs_d, STRIDE_DOS, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
+                     BLOCK_D != HEAD_DIM, TMA)
+    out_base = out_ptr + batch * STRIDE_OB + head * STRIDE_OH
+    out = load_from(tile_source(out_base, rows, offs_d, STRIDE_OS, SEQ_Q, HEAD_DIM, TMA),
+                    start_m * TMA, rows, offs_d, STRIDE_OS, SEQ_Q, HEAD_DIM, RAGGED_ROWS,
+                    BLOCK_D != HEAD_DIM, TMA)
     row_offset = batch_head * SEQ_Q
     delta = (tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
              - load_rows(dlse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS, 0.0))
     tl.store(delta_ptr + row_offset + rows, delta, mask=rows < SEQ_Q)
     lse = masking.backward_lse(load_rows(lse_ptr + row_offset, rows, SEQ_Q, RAGGED_ROWS,
                                          float("inf")))
-    k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH, offs_n, offs_d,
-                       STRIDE_KS, SEQ_K)
-    v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, offs_n, offs_d,
-                       STRIDE_VS, SEQ_K)
+    k_base = k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
+    k_rows = tile_source(k_base, offs_n, offs_d, STRIDE_KS, SEQ_K, HEAD_DIM, TMA)
+    v_base = v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
+    v_rows = tile_source(v_base, offs_n, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, TMA)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
@@ -287,32 +305,33 @@ def _flash_query_grads_kernel(
     RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
     for start_n in range(start, full_start, BLOCK_N):
         dq = _query_grads_step(
-            dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
+            dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
             batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
             dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
             DROPOUT_SEED_BATCH, SCALE,
             SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
             WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
-            STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION)
+            STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION, TMA)
     for start_n in range(full_start, full_end, BLOCK_N):
         dq = _query_grads_step(
-            dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
+            dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
             batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
             dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
             DROPOUT_SEED_BATCH, SCALE,
             SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
             WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
-            STRIDE_VS, False, False, DOT_PRECISION)
+            STRIDE_VS, False, False, DOT_PRECISION, TMA)
     for start_n in range(full_end, stop, BLOCK_N):
         dq = _query_grads_step(
-            dq, q, dout, lse, delta, k_ptrs, v_ptrs, dbias_ptr, start_n, rows, offs_n, offs_d,
+            dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
             batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
             dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
             DROPOUT_SEED_BATCH, SCALE,
             SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
             WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
-            STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION)
+            STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION, TMA)
 
     dq *= SCALE
-    store_tile(dq_ptr + q_offsets, dq.to(dq_ptr.dtype.element_ty), rows, offs_d, SEQ_Q,
-               HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    store_to(rows_source(dq_ptr + q_offsets, dq_ptr + q_base, STRIDE_QS, SEQ_Q, HEAD_DIM, TMA),
+             start_m * TMA, dq.to(dq_ptr.dtype.element_ty), rows, offs_d, STRIDE_QS, SEQ_Q,
+             HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM, TMA)

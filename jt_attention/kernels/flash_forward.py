@@ -17,12 +17,12 @@ import triton
 import triton.language as tl
 
 from jt_attention.kernels import masking
-from jt_attention.kernels.tiles import (block_coords, load_tile, longest_first_coords, row_step,
-                                        store_tile, tile_ptrs)
+from jt_attention.kernels.tiles import (block_coords, load_from, longest_first_coords,
+                                        store_to, tile_source)
 
 
 @triton.jit
-def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d,
+def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d,
                   lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
                   batch_head,
                   DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
@@ -34,7 +34,7 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, of
                   SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   STRIDE_KS: tl.constexpr, STRIDE_VS: tl.constexpr,
                   MASKED: tl.constexpr, RAGGED_KEYS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N).
 
     queries: the rows' query positions. MASKED applies masking.visible to the scores;
@@ -42,8 +42,8 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, of
     row sums take every probability and P.V the kept ones, scaled (batch_head: the
     rows' batch·head, for the dropout stream)."""
     cols = start_n + offs_n
-    k = load_tile(k_ptrs + row_step(start_n, STRIDE_KS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
-                  RAGGED_KEYS, BLOCK_D != HEAD_DIM)
+    k = load_from(k_rows, start_n, cols, offs_d, STRIDE_KS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     scores, _ = masking.logits(qk, bias_base, queries[:, None], cols[None, :], SCALE, SOFT_CAP,
                                BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
@@ -64,15 +64,15 @@ def _attend_block(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, of
             seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, queries[:, None],
             cols[None, :], NUM_HEADS, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE,
             DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
-    v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
-                  RAGGED_KEYS, BLOCK_D != HEAD_DIM)
+    v = load_from(v_rows, start_n, cols, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
+                  BLOCK_D != HEAD_DIM, TMA)
     acc = acc * rescale[:, None]
     acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, row_sum, new_max
 
 
 @triton.jit
-def _attend_stretches(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end,
+def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end,
                       stop, queries, offs_n, offs_d, lo, hi, q_segment, key_segments_base,
                       mask_base, bias_base, seed_ptr, batch_head,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
@@ -83,33 +83,34 @@ def _attend_stretches(acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_star
                       WINDOW_RIGHT: tl.constexpr, NUM_HEADS: tl.constexpr,
                       SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_D: tl.constexpr, STRIDE_KS: tl.constexpr, STRIDE_VS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      TMA: tl.constexpr):
     """_attend_block over masking.stretches(): masked, unmasked, masked."""
     RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
     for start_n in range(start, full_start, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
+            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
             hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
             DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
             BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
             NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
-            RAGGED_KEYS, DOT_PRECISION)
+            RAGGED_KEYS, DOT_PRECISION, TMA)
     for start_n in range(full_start, full_end, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
+            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
             hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
             DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
             BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
             NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, False, False,
-            DOT_PRECISION)
+            DOT_PRECISION, TMA)
     for start_n in range(full_end, stop, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, start_n, queries, offs_n, offs_d, lo,
+            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
             hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
             DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
             BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
             NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
-            RAGGED_KEYS, DOT_PRECISION)
+            RAGGED_KEYS, DOT_PRECISION, TMA)
     return acc, row_sum, row_max
 
 
@@ -130,7 +131,7 @@ def _flash_forward_kernel(
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
     DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDE_INDEXING: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """programs (cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS), or tiles.block_coords' batch-inner
@@ -150,14 +151,16 @@ def _flash_forward_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = tile_ptrs(q_ptr + batch * STRIDE_QB + head * STRIDE_QH, offs_m, offs_d,
-                       STRIDE_QS, SEQ_Q)
-    k_ptrs = tile_ptrs(k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH, offs_n, offs_d,
-                       STRIDE_KS, SEQ_K)
-    v_ptrs = tile_ptrs(v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH, offs_n, offs_d,
-                       STRIDE_VS, SEQ_K)
+    # The pointers of q and out hold the rows' tile (offs_m), so their start is 0.
+    q_base = q_ptr + batch * STRIDE_QB + head * STRIDE_QH
+    q_rows = tile_source(q_base, offs_m, offs_d, STRIDE_QS, SEQ_Q, HEAD_DIM, TMA)
+    k_base = k_ptr + batch * STRIDE_KB + kv_head * STRIDE_KH
+    k_rows = tile_source(k_base, offs_n, offs_d, STRIDE_KS, SEQ_K, HEAD_DIM, TMA)
+    v_base = v_ptr + batch * STRIDE_VB + kv_head * STRIDE_VH
+    v_rows = tile_source(v_base, offs_n, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, TMA)
     RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
-    q = load_tile(q_ptrs, offs_m, offs_d, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    q = load_from(q_rows, start_m * TMA, offs_m, offs_d, STRIDE_QS, SEQ_Q, HEAD_DIM,
+                  RAGGED_ROWS, BLOCK_D != HEAD_DIM, TMA)
 
     bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
     mask_base = masking.dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
@@ -173,18 +176,18 @@ def _flash_forward_kernel(
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, row_sum, row_max = _attend_stretches(
-        acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, offs_m,
+        acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end, stop, offs_m,
         offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base,
         bias_base, dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
         DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
         WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
-        STRIDE_VS, BLOCK_N, DOT_PRECISION)
+        STRIDE_VS, BLOCK_N, DOT_PRECISION, TMA)
 
     seen = row_sum > 0  # else the row saw no key: 0 out, lse -inf
     acc = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    out_ptrs = tile_ptrs(out_ptr + batch * STRIDE_OB + head * STRIDE_OH, offs_m, offs_d,
-                         STRIDE_OS, SEQ_Q)
-    store_tile(out_ptrs, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d, SEQ_Q, HEAD_DIM,
-               RAGGED_ROWS, BLOCK_D != HEAD_DIM)
+    out_base = out_ptr + batch * STRIDE_OB + head * STRIDE_OH
+    out_rows = tile_source(out_base, offs_m, offs_d, STRIDE_OS, SEQ_Q, HEAD_DIM, TMA)
+    store_to(out_rows, start_m * TMA, acc.to(out_ptr.dtype.element_ty), offs_m, offs_d,
+               STRIDE_OS, SEQ_Q, HEAD_DIM, RAGGED_ROWS, BLOCK_D != HEAD_DIM, TMA)
     lse = tl.where(seen, (row_max + tl.math.log2(row_sum)) * masking.LN2, float("-inf"))
     tl.store(lse_ptr + batch_head * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)

@@ -93,7 +93,7 @@ def _split_kv_kernel(
         (batch * NUM_HEADS + feature_head)[:, None], DROPOUT_THRESHOLD, DROPOUT_SCALE,
         DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT,
         SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K,
-        HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, BLOCK_N, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, BLOCK_N, DOT_PRECISION, False)  # no TMA
 
     seen = row_sum > 0
     acc = acc / tl.where(seen, row_sum, 1.0)[:, None]

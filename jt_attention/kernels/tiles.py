@@ -62,7 +62,7 @@ def longest_first_coords(BLOCKS: tl.constexpr, WIDE_INDEXING: tl.constexpr):
     takes the batch·heads in groups of 8 and hands out a group's row blocks longest
     first, so the shortest fill the last wave; a group's keys and values stay in L2
     together. Causal flash forward on the H100: -2.6% at B16 H16 S2048 D128, -4% at
-    S8192 (WORKSPACE_NOTES.md, session 12; the backward kernels did not gain)."""
+    S8192 (WORKSPACE_NOTES.md, "v12: causal grid"; the backward kernels did not gain)."""
     GROUP: tl.constexpr = 8
     if WIDE_INDEXING:
         pid = tl.program_id(0)
@@ -85,7 +85,7 @@ def row_step(start, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexpr):
     """start * ROW_STRIDE for row indices start < ROW_LIMIT (a scalar or a tensor).
 
     32-bit where that cannot overflow (decided from the constexprs at compile time),
-    64-bit otherwise. Ordinary shapes so keep the session-3 code: with 64-bit index
+    64-bit otherwise. Ordinary shapes so keep the first kernels' code: with 64-bit index
     math throughout, the causal flash kernels ran 6-24% slower on the H100."""
     if ROW_LIMIT * ROW_STRIDE < 2**31:
         offset = start * ROW_STRIDE
@@ -99,10 +99,10 @@ def tile_ptrs(base, rows, cols, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexp
     """base + rows[:, None] * ROW_STRIDE + cols[None, :], for rows < ROW_LIMIT.
 
     Row offsets are 64-bit only where 32 bits could overflow (see row_step). Kept in
-    the session-3 form, a column of row offsets broadcast over `cols`: variants that
+    the first kernels' form, a column of row offsets broadcast over `cols`: variants that
     built the tile from a row start plus an arange compiled the causal flash kernels
     to other register allocations (197 -> 141-166 registers under Triton 3.6) and
-    ran 8-25% slower (WORKSPACE_NOTES.md, session 4)."""
+    ran 8-25% slower (WORKSPACE_NOTES.md, "Large inputs")."""
     return base + row_step(rows[:, None], ROW_STRIDE, ROW_LIMIT) + cols[None, :]
 
 
@@ -142,6 +142,59 @@ def store_tile(ptrs, value, rows, cols, ROW_LIMIT: tl.constexpr, COL_LIMIT: tl.c
 
 
 @triton.jit
+def rows_source(pointers, base, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexpr,
+                COL_LIMIT: tl.constexpr, TMA: tl.constexpr):
+    """What load_from and store_to address: under TMA (Hopper's tensor memory
+    accelerator) a tensor descriptor of the [ROW_LIMIT, COL_LIMIT] matrix at `base`
+    (row stride ROW_STRIDE, columns contiguous) in boxes of the pointer tile's shape,
+    which the copy engine zero-fills and clips at the matrix's edges; else `pointers`,
+    the caller's pointer tile, in the form each kernel has always built it (the
+    compiler is sensitive to that form: see tile_ptrs). Without TMA no descriptor is
+    built; with it the unused pointer tile compiles away."""
+    if TMA:
+        source = tl.make_tensor_descriptor(base, shape=[ROW_LIMIT, COL_LIMIT],
+                                           strides=[ROW_STRIDE, 1],
+                                           block_shape=[pointers.shape[0], pointers.shape[1]])
+    else:
+        source = pointers
+    return source
+
+
+@triton.jit
+def tile_source(base, rows, cols, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexpr,
+                COL_LIMIT: tl.constexpr, TMA: tl.constexpr):
+    """rows_source of the tile_ptrs(base, rows, cols) tile."""
+    return rows_source(tile_ptrs(base, rows, cols, ROW_STRIDE, ROW_LIMIT), base, ROW_STRIDE,
+                       ROW_LIMIT, COL_LIMIT, TMA)
+
+
+@triton.jit
+def load_from(source, start, rows, cols, ROW_STRIDE: tl.constexpr, ROW_LIMIT: tl.constexpr,
+              COL_LIMIT: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
+              TMA: tl.constexpr):
+    """The tile of rows start + [0, BLOCK_ROWS) of a rows_source, zeros outside the
+    matrix; rows and cols: the tile's indices (for the pointer path's bounds)."""
+    if TMA:
+        tile = source.load([start, 0])
+    else:
+        tile = load_tile(source + row_step(start, ROW_STRIDE, ROW_LIMIT), rows, cols,
+                         ROW_LIMIT, COL_LIMIT, CHECK_ROWS, CHECK_COLS)
+    return tile
+
+
+@triton.jit
+def store_to(source, start, value, rows, cols, ROW_STRIDE: tl.constexpr,
+               ROW_LIMIT: tl.constexpr, COL_LIMIT: tl.constexpr, CHECK_ROWS: tl.constexpr,
+               CHECK_COLS: tl.constexpr, TMA: tl.constexpr):
+    """Stores `value` at rows start + [0, BLOCK_ROWS) of a rows_source, within the matrix."""
+    if TMA:
+        source.store([start, 0], value)
+    else:
+        store_tile(source + row_step(start, ROW_STRIDE, ROW_LIMIT), value, rows, cols,
+                   ROW_LIMIT, COL_LIMIT, CHECK_ROWS, CHECK_COLS)
+
+
+@triton.jit
 def rows_dot_cols(a_base, b_base, a_rows, b_rows, A_ROWS: tl.constexpr, B_ROWS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, STRIDE_AS: tl.constexpr, STRIDE_BS: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -151,7 +204,7 @@ def rows_dot_cols(a_base, b_base, a_rows, b_rows, A_ROWS: tl.constexpr, B_ROWS: 
     The callers pass rows to read that lie within A and B (a row past the end reads
     the last valid one: clamped pointers), so entries they never use stay finite. Only
     the head dim, the reduced axis, is masked: two-axis masks on a pipelined load
-    computed wrong results on the H100 under Triton 3.6 (WORKSPACE_NOTES.md, session 7).
+    computed wrong results on the H100 under Triton 3.6 (WORKSPACE_NOTES.md, "Backward").
     A_ROWS and B_ROWS bound the row indices (for tile_ptrs' 32/64-bit choice)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = tile_ptrs(a_base, a_rows, offs_k, STRIDE_AS, A_ROWS)
