@@ -1,8 +1,9 @@
 """Ring attention (sequence sharded over devices, K/V rotating with ppermute) against
 full attention in float64: output and gradients, causal and not, both layouts, at 2,
 4 and 8 devices, with lengths, segment ids, grouped-query heads and the soft-cap, and
-with a bias (and its gradient), a mask and a window; the backward's memory; the layout helpers; argument errors (all under shard_map's default
-check_vma=True); the interpreter under shard_map; the example app.
+with a bias (and its gradient), a mask and a window; the backward's memory; the layout
+helpers; argument errors (all under shard_map's default check_vma=True); the
+interpreter under shard_map; the example app.
 
 On a CPU machine conftest gives 8 simulated devices and the kernels run interpreted;
 on a GPU machine the tests need that many GPUs, else they skip. Shapes are tiny: each

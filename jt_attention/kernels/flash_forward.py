@@ -89,27 +89,27 @@ def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_star
     RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
     for start_n in range(start, full_start, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
-            hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
-            BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-            NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
+            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo, hi,
+            q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
+            SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
+            WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
             RAGGED_KEYS, DOT_PRECISION, TMA)
     for start_n in range(full_start, full_end, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
-            hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
-            BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-            NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, False, False,
-            DOT_PRECISION, TMA)
+            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo, hi,
+            q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
+            SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
+            WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, False,
+            False, DOT_PRECISION, TMA)
     for start_n in range(full_end, stop, BLOCK_N):
         acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
-            hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP,
-            BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-            NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
+            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo, hi,
+            q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
+            SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
+            WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
             RAGGED_KEYS, DOT_PRECISION, TMA)
     return acc, row_sum, row_max
 
@@ -177,9 +177,9 @@ def _flash_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, row_sum, row_max = _attend_stretches(
         acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end, stop, offs_m,
-        offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base,
-        bias_base, dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
-        DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
+        offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base, bias_base,
+        dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+        DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
         WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
         STRIDE_VS, BLOCK_N, DOT_PRECISION, TMA)
 
