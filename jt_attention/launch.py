@@ -122,8 +122,8 @@ def triton_forward(inputs, problem, for_backward):
     """(out, lse [B, H, Sq] fp32, *kept) on the GPU from the named inputs (q, k, v and
     the feature operands), kept being plan.kept_buffers(problem) if `for_backward`, else
     none; traceable, no host synchronisation."""
-    launches = forward_plan(plan.with_tma(problem, tma_supported()), for_backward,
-                            num_sms=multiprocessor_count())
+    problem = plan.with_tma(problem, tma_supported())
+    launches = forward_plan(problem, for_backward, num_sms=multiprocessor_count())
     buffers = _run_launches(launches, dict(inputs), problem)
     return tuple(buffers[name] for name in forward_outputs(problem, for_backward))
 
@@ -131,6 +131,7 @@ def triton_forward(inputs, problem, for_backward):
 def triton_backward(inputs, problem):
     """plan.backward_outputs(problem) (dq, dk, dv and maybe dbias) from the named
     plan.backward_inputs(problem): the forward's residuals and the cotangents."""
-    launches = backward_plan(plan.with_tma(problem, tma_supported()), multiprocessor_count())
-    buffers = _run_launches(launches, dict(inputs), problem)
+    problem = plan.with_tma(problem, tma_supported())
+    buffers = _run_launches(backward_plan(problem, multiprocessor_count()), dict(inputs),
+                            problem)
     return tuple(buffers[name] for name in backward_outputs(problem))
