@@ -121,6 +121,12 @@ def as_4d(name, array, problem_shape):
     return array
 
 
+def check_mask_dtype(mask):
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise TypeError(f"mask.dtype={mask.dtype}; expected bool (True: the key is visible). "
+                        "Pass an additive mask as bias")
+
+
 def window(local_window_size):
     """local_window_size checked, as (left, right); (-1, -1) for None."""
     if local_window_size is None:
@@ -199,9 +205,7 @@ def prepare(batch_shape, seq_q, seq_k, num_heads, bias, mask, query_seq_lengths,
         dropout_rng=_checked_dropout(dropout_rate, dropout_rng))
     if (arguments.query_segment_ids is None) != (arguments.key_value_segment_ids is None):
         raise ValueError("query_segment_ids and key_value_segment_ids must be given together")
-    if arguments.mask is not None and arguments.mask.dtype != jnp.bool_:
-        raise TypeError(f"mask.dtype={arguments.mask.dtype}; expected bool (True: the key is "
-                        "visible). Pass an additive mask as bias")
+    check_mask_dtype(arguments.mask)
     if arguments.bias is not None and arguments.bias.dtype not in KERNEL_BIAS_DTYPES:
         # jax.nn adds the bias to float32 logits; other dtypes round the same way there.
         arguments = dataclasses.replace(arguments, bias=arguments.bias.astype(jnp.float32))

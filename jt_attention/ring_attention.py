@@ -98,10 +98,9 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, is_cau
       implementation: as in dot_product_attention: None, 'triton', 'interpret', 'xla'.
 
     Not supported (ValueError naming them): dropout and return_residual. A row that
-    sees no key at all returns 0, as in
-    dot_product_attention. Differentiable in reverse mode (jax.grad, jax.vjp) in
-    query, key and value, also under jax.jit; not in forward mode. Works with
-    jax.shard_map's check_vma on or off.
+    sees no key at all returns 0, as in dot_product_attention. Differentiable in
+    reverse mode (jax.grad, jax.vjp) in query, key, value and bias, also under
+    jax.jit; not in forward mode. Works with jax.shard_map's check_vma on or off.
     """
     _reject(unsupported)
     layout = _resolved_layout(layout, is_causal)
@@ -111,8 +110,7 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, is_cau
     scores_shape = (query.shape[0], query.shape[2], query.shape[1], num_devices * key.shape[1])
     bias = _checked_scores("bias", bias, scores_shape)
     mask = _checked_scores("mask", mask, scores_shape)
-    if mask is not None and mask.dtype != jnp.bool_:
-        raise TypeError(f"mask.dtype={mask.dtype}; expected bool (True: the key is visible)")
+    features_lib.check_mask_dtype(mask)
     config = _Config(axis_name, num_devices, layout, bool(is_causal), scale, logits_soft_cap,
                      implementation, features_lib.window(local_window_size))
     features = dict(query_segment_ids=query_segment_ids,
@@ -415,9 +413,9 @@ class _Ring:
         the cotangent w_b dout and its logsumexp w_b <dout, out_b - out>."""
         visit = self.visit(block, step)
 
-        def attend(q, k, v, *bias):
-            return self.attend(q, visit._replace(key=k, value=v, bias=(*bias, visit.bias)[0]),
-                               step)
+        def attend(q, k, v, bias=visit.bias):
+            return self.attend(q, visit._replace(key=k, value=v, bias=bias), step)
+
         differentiated = (query, visit.key, visit.value) + (
             (visit.bias,) if self.bias_grad else ())
         (block_out, block_lse), vjp = jax.vjp(attend, *differentiated)
