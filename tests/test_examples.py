@@ -64,3 +64,4 @@ def test_info_names_the_kernels():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "jax-triton" in result.stdout and "_split_kv_kernel:" in result.stdout
+    assert "memory access: " in result.stdout  # pointer loads or TMA, and why
