@@ -48,15 +48,15 @@ from jt_attention.attention import attention_and_logsumexp, varying_axes
 
 LAYOUTS = ("contiguous", "zigzag")
 # dot_product_attention's arguments that a ring step cannot take: dropout would draw
-# its mask from each element's position in the call, which a ring step does not know;
-# the residual is the merged logsumexp, which the ring keeps in float32 only.
-UNSUPPORTED = ("dropout_rate", "dropout_rng", "broadcast_dropout", "return_residual")
+# its mask from each element's position in the call, which a ring step does not know.
+UNSUPPORTED = ("dropout_rate", "dropout_rng", "broadcast_dropout")
 
 
 def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, is_causal=False,
                    layout=None, scale=None, query_seq_lengths=None, key_value_seq_lengths=None,
                    local_window_size=None, query_segment_ids=None, key_value_segment_ids=None,
-                   logits_soft_cap=None, implementation=None, **unsupported):
+                   logits_soft_cap=None, implementation=None, return_residual=False,
+                   **unsupported):
     """Attention over a sequence sharded along mesh axis `axis_name`; call inside
     `jax.shard_map` (or under `jax.jit` of one), with query, key and value sharded
     along axis 1 over `axis_name` (in_specs P(None, axis_name)).
@@ -97,10 +97,14 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, is_cau
       logits_soft_cap: as in dot_product_attention, cap * tanh(logits / cap).
       implementation: as in dot_product_attention: None, 'triton', 'interpret', 'xla'.
 
-    Not supported (ValueError naming them): dropout and return_residual. A row that
-    sees no key at all returns 0, as in dot_product_attention. Differentiable in
-    reverse mode (jax.grad, jax.vjp) in query, key, value and bias, also under
-    jax.jit; not in forward mode. Works with jax.shard_map's check_vma on or off.
+      return_residual: also return the row logsumexp over the whole sequence, [batch,
+        q_block, heads] in the query's dtype (-inf where a row sees no key), as
+        dot_product_attention does; differentiable too.
+
+    Not supported (ValueError naming it): dropout. A row that sees no key at all
+    returns 0, as in dot_product_attention. Differentiable in reverse mode
+    (jax.grad, jax.vjp) in query, key, value and bias, also under jax.jit; not in
+    forward mode. Works with jax.shard_map's check_vma on or off.
     """
     _reject(unsupported)
     layout = _resolved_layout(layout, is_causal)
@@ -117,7 +121,8 @@ def ring_attention(query, key, value, bias=None, mask=None, *, axis_name, is_cau
                     key_value_segment_ids=key_value_segment_ids,
                     query_seq_lengths=query_seq_lengths,
                     key_value_seq_lengths=key_value_seq_lengths, mask=mask)
-    return _ring_attention(config, query, key, value, bias, features)
+    out, lse = _ring_attention(config, query, key, value, bias, features)
+    return (out, lse.astype(query.dtype)) if return_residual else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +145,7 @@ class _Config:
 # forward launch per step (the block's partial result, recomputed for its VJP).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring_attention(config, query, key, value, bias, features):
-    out, _ = _ring_forward(_Ring(config, features, bias), query, key, value)
-    return out
+    return _ring_forward(_Ring(config, features, bias), query, key, value)
 
 
 def _ring_forward(ring, query, key, value):
@@ -177,25 +181,26 @@ def _ring_attention_fwd(config, query, key, value, bias, features):
     query, key, value, bias, features = jax.tree.map(lambda x: x.value,
                                                      (query, key, value, bias, features))
     out, lse = _ring_forward(_Ring(config, features, bias), query, key, value)
-    return out, (bias_grad, query, key, value, bias, features, out, lse)
+    return (out, lse), (bias_grad, query, key, value, bias, features, out, lse)
 
 
-def _ring_attention_bwd(config, residuals, dout):
+def _ring_attention_bwd(config, residuals, cotangents):
     """dq, dk, dv (and dbias): each step recomputes one block's partial result and
     takes its VJP, with the cotangents that the merge passes to it. dk and dv
     accumulate in float32 beside the block they belong to and travel with it; after
     the P-th step one more hop brings them home to the block's owner. dbias stays:
     each step adds the visiting block's columns."""
     bias_grad, query, key, value, bias, features, out, lse = residuals
-    if isinstance(dout, SymbolicZero):
-        dout = jnp.zeros(dout.aval.shape, dout.aval.dtype)
+    # The logsumexp's cotangent is zero unless the caller differentiates it.
+    dout, dlse = (jnp.zeros(c.aval.shape, c.aval.dtype) if isinstance(c, SymbolicZero) else c
+                  for c in cotangents)
     ring = _Ring(config, features, bias, bias_grad.wanted)
 
     def step(carry, index):
         block, dq, dk, dv, dbias = carry
         arriving = block if _is_last(index, config) else _rotate(block, config)
         dq_block, dk_block, dv_block, *dbias_block = ring.block_grads(
-            query, block, index, out, lse, dout)
+            query, block, index, out, lse, dout, dlse)
         if dbias_block:
             dbias = ring.add_columns(dbias, dbias_block[0], index)
         # dk and dv leave once this step's share is in; the next device needs them
@@ -404,13 +409,14 @@ class _Ring:
             # Both visiting chunks precede our late chunk and follow our early one.
             lambda: self._late_queries_only(query, queries, block, keys))
 
-    def block_grads(self, query, block, step, out, lse, dout):
+    def block_grads(self, query, block, step, out, lse, dout, dlse):
         """(dq, dk, dv, and dbias's columns where the bias is differentiated) in float32:
         the share of `block` (a _KeyBlock: see `attend`) in the gradients of the merged
-        output `out` (lse: its float32 row logsumexp) for cotangent dout.
+        output `out` and its float32 row logsumexp `lse`, for cotangents dout and dlse.
 
-        out = sum_b w_b out_b with w_b = exp(lse_b - lse), so the block's output gets
-        the cotangent w_b dout and its logsumexp w_b <dout, out_b - out>."""
+        out = sum_b w_b out_b and lse = log sum_b exp(lse_b), with w_b = exp(lse_b -
+        lse), so the block's output gets the cotangent w_b dout and its logsumexp
+        w_b (<dout, out_b - out> + dlse)."""
         visit = self.visit(block, step)
 
         def attend(q, k, v, bias=visit.bias):
@@ -422,9 +428,10 @@ class _Ring:
         seen = jnp.isfinite(lse)  # rows that see no key at all have lse -inf: weight 0
         weight = jnp.where(seen, jnp.exp(block_lse - jnp.where(seen, lse, 0.0)), 0.0)
         dout = dout.astype(jnp.float32)
-        dlse = weight * jnp.sum(dout * (block_out.astype(jnp.float32)
-                                        - out.astype(jnp.float32)), axis=-1)
-        grads = vjp(((weight[..., None] * dout).astype(block_out.dtype), dlse))
+        block_dlse = weight * (jnp.sum(dout * (block_out.astype(jnp.float32)
+                                               - out.astype(jnp.float32)), axis=-1)
+                               + dlse.astype(jnp.float32))
+        grads = vjp(((weight[..., None] * dout).astype(block_out.dtype), block_dlse))
         return tuple(g.astype(jnp.float32) for g in grads)
 
     def _late_queries_only(self, query, queries, block, keys):
@@ -499,8 +506,8 @@ def _reject(unsupported):
         if name in UNSUPPORTED:
             raise ValueError(f"ring_attention does not support {name}: it supports bias, "
                              "mask, is_causal, sequence lengths, local_window_size, segment "
-                             "ids and logits_soft_cap (dropout draws its mask from positions "
-                             "that a ring step does not know)")
+                             "ids, logits_soft_cap and return_residual (dropout draws its "
+                             "mask from positions that a ring step does not know)")
         raise TypeError(f"ring_attention() got an unexpected keyword argument {name!r}")
 
 

@@ -82,8 +82,9 @@ def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), p
     """Ring attention on fresh random inputs against float64 full attention: output,
     then dq, dk, dv of <out, dout> (jitted). shape: (batch, heads, kv_heads, head_dim,
     dtype); features_of(rng, batch, seq) -> the optional arguments (global order).
-    With a bias among the features, its gradient is checked too. Returns which rows see
-    no key ([batch, seq, heads], global order)."""
+    With a bias among the features, its gradient is checked too; with
+    return_residual=True, the logsumexp and the gradients of <lse, dlse> too. Returns
+    which rows see no key ([batch, seq, heads], global order)."""
     batch, heads, kv_heads, head_dim, dtype = shape
     seq = per_device * num_devices
     (q, k, v), seed = random_inputs(batch, seq, seq, heads, kv_heads, head_dim, dtype)
@@ -100,9 +101,10 @@ def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), p
                                   is_causal=is_causal, implementation=implementation,
                                   **options))
     differentiated = {"bias": laid.pop("bias")} if "bias" in laid else {}
-    out, vjp = jax.vjp(lambda q, k, v, bias: attend(q, k, v, {**laid, **bias}),
-                       lay(q), lay(k), lay(v), differentiated)
-    out = unlay(out)
+    result, vjp = jax.vjp(lambda q, k, v, bias: attend(q, k, v, {**laid, **bias}),
+                          lay(q), lay(k), lay(v), differentiated)
+    residual = options.get("return_residual", False)
+    out = unlay(result[0] if residual else result)
     scale = options.get("scale") or 1 / np.sqrt(head_dim)
     reference = dict(features, logits_soft_cap=options.get("logits_soft_cap"),
                      local_window_size=options.get("local_window_size"))
@@ -113,12 +115,20 @@ def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), p
     blind = ~np.isfinite(want_lse)  # rows that see no key: exactly 0
     assert np.all(out[blind] == 0), f"rows that see no key {where}"
     dout = rng.standard_normal(q.shape).astype(DTYPES[dtype])
-    dq, dk, dv, dbias = vjp(jnp.asarray(lay(dout)))
+    cotangent, dlse = jnp.asarray(lay(dout)), None
+    if residual:
+        lse = unlay(result[1]).astype(np.float64)
+        assert result[1].dtype == q.dtype and np.all(lse[blind] == -np.inf), where
+        np.testing.assert_allclose(lse[~blind], want_lse[~blind], rtol=2 * TOLERANCE[dtype],
+                                   atol=2e-2, err_msg=where)
+        dlse = np.where(blind, 0, rng.standard_normal(want_lse.shape)).astype(DTYPES[dtype])
+        cotangent = (cotangent, jnp.asarray(lay(dlse)))
+    dq, dk, dv, dbias = vjp(cotangent)
     grads = [unlay(dq), unlay(dk), unlay(dv)]
     if dbias:
         assert dbias["bias"].dtype == features["bias"].dtype, where
         grads.append(_relaid(dbias["bias"], (2, 3), num_devices, layout, inverse=True))
-    wanted = attention_grads_float64(q, k, v, dout, scale, is_causal, **reference)
+    wanted = attention_grads_float64(q, k, v, dout, scale, is_causal, dlse=dlse, **reference)
     for name, grad, want in zip(("dq", "dk", "dv", "dbias")[:len(grads)], grads, wanted,
                                 strict=True):
         assert relative_error(grad, want) < tolerance, f"{name} {where}"
@@ -158,9 +168,11 @@ def _lengths_and_segments(rng, batch, seq):
                          ids=str)
 def test_lengths_segments_grouped_heads_soft_cap(num_devices, is_causal, layout):
     """Global lengths cut per block (zigzag: per chunk), key segment ids rotating with
-    the keys, 2 query heads on 1 KV head, a soft-cap; float16."""
+    the keys, 2 query heads on 1 KV head, a soft-cap; float16; the logsumexp returned
+    and differentiated too."""
     blind = check_ring(num_devices, is_causal, layout, shape=(2, 2, 1, 16, "float16"),
-                       features_of=_lengths_and_segments, logits_soft_cap=2.0, scale=0.5)
+                       features_of=_lengths_and_segments, logits_soft_cap=2.0, scale=0.5,
+                       return_residual=True)
     assert blind[1].all() and blind[0].any() and not blind[0].all()
 
 
@@ -230,7 +242,7 @@ def test_argument_errors():
         _trace(ring(is_causal=True), seq=6)
     with pytest.raises(ValueError, match="one length"):
         _trace(ring(is_causal=True, layout="contiguous"), kv_seq=12)
-    with pytest.raises(ValueError, match="does not support dropout_rate"):
+    with pytest.raises(ValueError, match="does not support dropout_rate.*return_residual"):
         _trace(ring(dropout_rate=0.1))
     with pytest.raises(ValueError, match=r"bias.shape=\(1, 1, 4, 4\) does not broadcast.*its "
                        r"kv_len dim is 4, expected 1 or 8.*every key of the sequence"):
