@@ -27,7 +27,7 @@ IMPLEMENTATIONS = [KERNELS, "xla"]
 # (batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype): one per kernel family
 FAMILIES = {
     "flash": (2, 45, 53, 4, 2, 32, "float16"),
-    "flash_tma": (2, 45, 53, 4, 2, 32, "bfloat16"),       # the same kernels through TMA
+    "flash_tma": (2, 45, 53, 4, 2, 32, "float16"),        # the same kernels through TMA
     "split_kv": (1, 5, 1100, 2, 1, 64, "bfloat16"),        # decoding: split-KV + combine
     "whole_rows": (1, 40, 50, 2, 2, 264, "float16"),       # two-pass, whole rows, P kept
     "tiled_kept": (1, 37, 60, 2, 1, 72, "float32"),        # two-pass tiles, P kept

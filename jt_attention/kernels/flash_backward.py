@@ -148,33 +148,17 @@ def _flash_key_grads_kernel(
         start, full_start, full_end, stop = masking.query_blocks(
             start_n, masking.spans_base(query_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_K),
             BLOCK_N, BLOCK_M, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SPANS)
-        for start_m in range(start, full_start, BLOCK_M):
-            dk, dv = _key_grads_step(
-                dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
-                start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base,
-                mask_base, bias_base, dropout_seed_ptr, batch * NUM_HEADS + head,
-                DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
-                SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
-                WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_QS, STRIDE_DOS,
-                True, RAGGED_ROWS, DOT_PRECISION, TMA)
-        for start_m in range(full_start, full_end, BLOCK_M):
-            dk, dv = _key_grads_step(
-                dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
-                start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base,
-                mask_base, bias_base, dropout_seed_ptr, batch * NUM_HEADS + head,
-                DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
-                SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
-                WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_QS, STRIDE_DOS,
-                False, RAGGED_ROWS, DOT_PRECISION, TMA)
-        for start_m in range(full_end, stop, BLOCK_M):
-            dk, dv = _key_grads_step(
-                dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
-                start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base,
-                mask_base, bias_base, dropout_seed_ptr, batch * NUM_HEADS + head,
-                DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
-                SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
-                WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_QS, STRIDE_DOS,
-                True, RAGGED_ROWS, DOT_PRECISION, TMA)
+        for stretch in tl.static_range(3):  # the middle stretch is unmasked
+            begin, end = masking.stretch_bounds(stretch, start, full_start, full_end, stop)
+            for start_m in range(begin, end, BLOCK_M):
+                dk, dv = _key_grads_step(
+                    dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
+                    start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base,
+                    mask_base, bias_base, dropout_seed_ptr, batch * NUM_HEADS + head,
+                    DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
+                    SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
+                    WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_QS,
+                    STRIDE_DOS, stretch != 1, RAGGED_ROWS, DOT_PRECISION, TMA)
 
     dk *= SCALE
     store_to(rows_source(dk_ptr + k_base + kv_offsets, dk_ptr + k_base, STRIDE_KS, SEQ_K,
@@ -306,30 +290,17 @@ def _flash_query_grads_kernel(
         start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
         SPANS)
     RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
-    for start_n in range(start, full_start, BLOCK_N):
-        dq = _query_grads_step(
-            dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
-            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
-            dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-            DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,
-            SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
-            BLOCK_D, STRIDE_KS, STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION, TMA)
-    for start_n in range(full_start, full_end, BLOCK_N):
-        dq = _query_grads_step(
-            dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
-            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
-            dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-            DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,
-            SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
-            BLOCK_D, STRIDE_KS, STRIDE_VS, False, False, DOT_PRECISION, TMA)
-    for start_n in range(full_end, stop, BLOCK_N):
-        dq = _query_grads_step(
-            dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
-            batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
-            dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-            DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,
-            SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
-            BLOCK_D, STRIDE_KS, STRIDE_VS, True, RAGGED_KEYS, DOT_PRECISION, TMA)
+    for stretch in tl.static_range(3):  # the middle stretch is unmasked
+        begin, end = masking.stretch_bounds(stretch, start, full_start, full_end, stop)
+        for start_n in range(begin, end, BLOCK_N):
+            dq = _query_grads_step(
+                dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
+                batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
+                dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+                DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,
+                SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
+                BLOCK_D, STRIDE_KS, STRIDE_VS, stretch != 1, RAGGED_KEYS and stretch != 1,
+                DOT_PRECISION, TMA)
 
     dq *= SCALE
     store_to(rows_source(dq_ptr + q_offsets, dq_ptr + q_base, STRIDE_QS, SEQ_Q, HEAD_DIM, TMA),

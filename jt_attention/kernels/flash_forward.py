@@ -87,30 +87,16 @@ def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_star
                       TMA: tl.constexpr):
     """_attend_block over masking.stretches(): masked, unmasked, masked."""
     RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
-    for start_n in range(start, full_start, BLOCK_N):
-        acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo, hi,
-            q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
-            SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
-            WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
-            RAGGED_KEYS, DOT_PRECISION, TMA)
-    for start_n in range(full_start, full_end, BLOCK_N):
-        acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo, hi,
-            q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
-            SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
-            WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, False,
-            False, DOT_PRECISION, TMA)
-    for start_n in range(full_end, stop, BLOCK_N):
-        acc, row_sum, row_max = _attend_block(
-            acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo, hi,
-            q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
-            SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
-            WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, True,
-            RAGGED_KEYS, DOT_PRECISION, TMA)
+    for stretch in tl.static_range(3):  # the middle stretch is unmasked
+        begin, end = masking.stretch_bounds(stretch, start, full_start, full_end, stop)
+        for start_n in range(begin, end, BLOCK_N):
+            acc, row_sum, row_max = _attend_block(
+                acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
+                hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+                DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
+                SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
+                WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS,
+                stretch != 1, RAGGED_KEYS and stretch != 1, DOT_PRECISION, TMA)
     return acc, row_sum, row_max
 
 

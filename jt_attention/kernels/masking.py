@@ -159,6 +159,19 @@ def stretches(lo, hi, full_lo, full_hi, STEP: tl.constexpr, LEFT_EDGE: tl.conste
 
 
 @triton.jit
+def stretch_bounds(STRETCH: tl.constexpr, start, full_start, full_end, stop):
+    """[begin, end) of stretch STRETCH of stretches(): 0 and 2 masked, 1 unmasked. The
+    kernels walk the three in one tl.static_range(3), each compiled with its flags."""
+    if STRETCH == 0:
+        bounds = start, full_start
+    elif STRETCH == 1:
+        bounds = full_start, full_end
+    else:
+        bounds = full_end, stop
+    return bounds
+
+
+@triton.jit
 def _block_stretches(first, BLOCK: tl.constexpr, STEP: tl.constexpr, LIMIT: tl.constexpr,
                      BELOW: tl.constexpr, ABOVE: tl.constexpr, spans_ptr, SPANS: tl.constexpr,
                      NUM_ROWS: tl.constexpr):
