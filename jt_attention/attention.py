@@ -12,10 +12,10 @@ from jax.custom_derivatives import SymbolicZero
 
 from jt_attention import features as features_lib
 from jt_attention import partitioning
+from jt_attention.log import log_once
 from jt_attention.plan import FEATURE_INPUTS, Problem, backward_inputs
 from jt_attention.reference import attention_reference
 
-logger = logging.getLogger("jt_attention")
 
 IMPLEMENTATIONS = (None, "triton", "interpret", "xla")
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -208,11 +208,6 @@ def _validated_problem(query, key, value, scale, is_causal, heads_major):
                    np.dtype(query.dtype), scale, bool(is_causal), heads_major)
 
 
-@functools.cache
-def _log_once(message, level=logging.INFO):
-    logger.log(level, message)
-
-
 FORWARD_MODE_MESSAGE = (
     "jt_attention.dot_product_attention is differentiable in reverse mode only (jax.grad, "
     "jax.vjp, jax.jacrev); forward mode (jax.jvp, jax.jacfwd, jax.hessian) is not supported. "
@@ -245,10 +240,10 @@ def resolve_implementation(implementation):
     if implementation is not None:
         return implementation
     if not _has_cuda_gpu():
-        _log_once("jt_attention: no CUDA GPU, so implementation=None runs the XLA reference "
+        log_once("jt_attention: no CUDA GPU, so implementation=None runs the XLA reference "
                   "(pure jnp), not the Triton kernels", logging.WARNING)
         return "xla"
-    _log_once("jt_attention: implementation=None runs the Triton kernels on the CUDA GPU")
+    log_once("jt_attention: implementation=None runs the Triton kernels on the CUDA GPU")
     return "triton"
 
 

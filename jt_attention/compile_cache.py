@@ -16,12 +16,12 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import logging
 import os
 import pathlib
 import tempfile
 
-logger = logging.getLogger("jt_attention")
+from jt_attention.log import logger
+
 
 ENVIRONMENT_VARIABLE = "JT_ATTENTION_CACHE_DIR"
 

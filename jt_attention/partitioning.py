@@ -37,7 +37,6 @@ import base64
 import ctypes
 import dataclasses
 import functools
-import logging
 import math
 import pickle
 
@@ -47,10 +46,10 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jt_attention.log import log_once, logger
 from jt_attention.plan import (FEATURE_INPUTS, backward_inputs, backward_outputs,
                                forward_outputs)
 
-logger = logging.getLogger("jt_attention")
 
 FORWARD, FORWARD_FOR_BACKWARD, BACKWARD = "forward", "forward_for_backward", "backward"
 KINDS = (FORWARD, FORWARD_FOR_BACKWARD, BACKWARD)
@@ -156,11 +155,6 @@ def _sharding_rule(kind, problem, implementation, mesh, operand_types, result_ty
 
 # --- the decision --------------------------------------------------------------------
 
-@functools.cache
-def _log_once(message):
-    logger.info(message)
-
-
 def _axes(spec, dim):
     """Mesh axis names sharding `dim` in a PartitionSpec, as a tuple."""
     entry = spec[dim] if dim < len(spec) else None
@@ -198,17 +192,17 @@ def _decide(problem, mesh, names, arg_shapes):
     batch = _axes(q_spec, q_roles.index("b")) if "b" in q_roles else ()
     heads = _axes(q_spec, q_roles.index("n")) if "n" in q_roles else ()
     if batch and problem.batch % _size(mesh, batch):
-        _log_once(f"jt_attention: the batch ({problem.batch}) does not split evenly over "
+        log_once(f"jt_attention: the batch ({problem.batch}) does not split evenly over "
                   f"mesh axes {batch}: the batch is gathered")
         batch = ()
     if heads and problem.num_kv_heads % _size(mesh, heads):
-        _log_once(f"jt_attention: heads sharded over mesh axes {heads} ({_size(mesh, heads)} "
+        log_once(f"jt_attention: heads sharded over mesh axes {heads} ({_size(mesh, heads)} "
                   f"shards) would split the {problem.num_kv_heads} KV heads' groups of "
                   f"{problem.num_heads // problem.num_kv_heads} query heads: the kernels "
                   "take whole KV groups, so the heads are gathered")
         heads = ()
     if (batch or heads) and _dropout_by_position(problem):
-        _log_once(f"jt_attention: dropout (not broadcast) draws each element's mask from "
+        log_once(f"jt_attention: dropout (not broadcast) draws each element's mask from "
                   f"its batch and head index, which a shard would renumber: the batch and "
                   f"heads (sharded over mesh axes {batch + heads}) are gathered, for the "
                   "same mask as the unsharded call")
@@ -222,7 +216,7 @@ def _decide(problem, mesh, names, arg_shapes):
             extra = [a for a in _axes(spec, dim) if a not in _axes(wanted, dim)]
             if extra:
                 what = _ROLE_NAMES[role] if role else f"dim {dim}"
-                _log_once(f"jt_attention: {name}'s {what} dim is sharded over mesh axis "
+                log_once(f"jt_attention: {name}'s {what} dim is sharded over mesh axis "
                           f"{', '.join(map(repr, extra))}; the attention kernels partition "
                           "only the batch and heads (as the query's), so that axis is "
                           "gathered there")
@@ -252,7 +246,7 @@ def _partition(run, kind, problem, implementation, mesh, arg_shapes, result_shap
     if _named(mesh, arg_shapes):
         plan = _decide(problem, mesh, inputs, arg_shapes)
     else:
-        _log_once("jt_attention: the operands' shardings name no mesh axes: the attention "
+        log_once("jt_attention: the operands' shardings name no mesh axes: the attention "
                   "kernels run on gathered operands")
         mesh, plan = _fallback_mesh(mesh, arg_shapes), _Plan((), ())
     arg_shardings = tuple(NamedSharding(mesh, plan.spec(roles(n, s.shape, problem)))

@@ -133,7 +133,7 @@ def test_default_implementation_without_gpu_is_xla_and_logged(caplog):
     if any(getattr(d, "compute_capability", None) for d in jax.devices()):
         pytest.skip("this machine has a CUDA GPU: the default is the Triton kernels")
     q, k, v = _inputs()
-    jt_attention.attention._log_once.cache_clear()
+    jt_attention.log.log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="jt_attention"):
         out = jt_attention.dot_product_attention(q, k, v)
     assert "XLA reference" in caplog.text

@@ -21,7 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jt_attention
 from helpers import kernel_implementation, relative_error
-from jt_attention import partitioning
 
 KERNELS = kernel_implementation()
 # The sharded call runs the same kernels on slices: only sums over shards (the bias
@@ -179,7 +178,7 @@ def _gathered_case(spec, heads, kv_heads, mesh_shape, names, caplog):
     sharding = NamedSharding(mesh, spec)
     # Key and value as the query where their shape allows, else replicated.
     kv_sharding = sharding if kv_heads % 2 == 0 else NamedSharding(mesh, P())
-    partitioning._log_once.cache_clear()
+    jt_attention.log.log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="jt_attention"):
         (_, out), grads = step(jax.device_put(q, sharding), jax.device_put(k, kv_sharding),
                                jax.device_put(v, kv_sharding), None,
@@ -213,7 +212,7 @@ def test_dropout_per_element_gathers_and_says_why(caplog):
         q, k, v, implementation=KERNELS, dropout_rate=0.5, dropout_rng=jax.random.key(3)))
     want = attend(q, k, v)
     sharding = NamedSharding(mesh, P("data"))
-    partitioning._log_once.cache_clear()
+    jt_attention.log.log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="jt_attention"):
         out = attend(*(jax.device_put(x, sharding) for x in (q, k, v)))
     assert relative_error(out, np.asarray(want, np.float64)) < EXACT
