@@ -280,8 +280,8 @@ def _umulhi(a, b):
 
 
 def philox(c0, c1, c2, seed):
-    """First word of Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0), uint32
-    arrays: the jnp twin of kernels/masking._philox."""
+    """Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0), uint32 arrays: its
+    four words (the jnp twin of kernels/masking._philox)."""
     u32 = lambda x: (jnp.asarray(x, jnp.uint32) if isinstance(x, int)
                      else jnp.asarray(x).astype(jnp.uint32))
     c0, c1, c2, c3 = u32(c0), u32(c1), u32(c2), u32(0)
@@ -293,21 +293,28 @@ def philox(c0, c1, c2, seed):
         c1 = u32(PHILOX_ROUND_B) * previous_c2
         c3 = u32(PHILOX_ROUND_A) * previous_c0
         k0, k1 = k0 + u32(PHILOX_KEY_A), k1 + u32(PHILOX_KEY_B)
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_keep(seed, shape, rate, broadcast):
     """Boolean [B, N, T, S] (or [1, 1, T, S] if `broadcast`): whether dropout keeps each
-    probability. Element (b, n, i, j) draws Philox word (i * S + j, stream b * N + n)
-    with the call's seed (int32 [1]); the kernels draw the same."""
+    probability. Queries i, i + 8 and keys j, j + 8 (i % 16 < 8, j % 16 < 8) share the
+    Philox block of counter (group(i) * 8 * ceil(S / 16) + group(j), stream b * N + n)
+    and the call's seed (int32 [1]), group(x) = x // 16 * 8 + x % 8; element (i, j)
+    takes word 2 * (i // 8 % 2) + j // 8 % 2. The kernels draw the same
+    (masking.dropout_multiplier)."""
     batch, heads, seq_q, seq_k = (1, 1, *shape[2:]) if broadcast else shape
-    rows = jnp.arange(seq_q, dtype=jnp.uint32)[:, None]
-    cols = jnp.arange(seq_k, dtype=jnp.uint32)[None, :]
-    low = rows * jnp.uint32(seq_k)
-    position = low + cols
-    high = _umulhi(rows, jnp.uint32(seq_k)) + (position < low).astype(jnp.uint32)
+    group = lambda x: x // 16 * 8 + x % 8
+    key_groups = 8 * -(-seq_k // 16)
+    queries = jnp.arange(seq_q, dtype=jnp.uint32)[:, None]
+    keys = jnp.arange(seq_k, dtype=jnp.uint32)[None, :]
+    low = group(queries) * jnp.uint32(key_groups)
+    position = low + group(keys)
+    high = _umulhi(group(queries), jnp.uint32(key_groups)) + (position < low).astype(jnp.uint32)
     stream = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1, 1)
-    word = philox(position, high, stream, jax.lax.bitcast_convert_type(seed[0], jnp.uint32))
+    words = philox(position, high, stream, jax.lax.bitcast_convert_type(seed[0], jnp.uint32))
+    which = 2 * (queries // 8 % 2) + keys // 8 % 2
+    word = jnp.select([which == w for w in range(3)], list(words[:3]), words[3])
     return word >= jnp.uint32(dropout_threshold(rate))
 
 

@@ -66,7 +66,8 @@ class Problem:
                        + (1 if features.mask else 0))
         masked = bool(self.is_causal or features.window != (-1, -1) or features.spans
                       or features.segments or features.mask)
-        return tuning.Footprint(self.itemsize, self.block_d, score_bytes, masked, self.tma)
+        return tuning.Footprint(self.itemsize, self.block_d, score_bytes, masked, self.tma,
+                                bool(features.dropout_rate))
 
     @property
     def batch_inner(self):
@@ -152,9 +153,12 @@ class Problem:
         """(slice length, number of slices) for the split-KV forward, or None.
 
         Decoding shapes only (few query rows, many keys), and only when the flash
-        kernel's one program per batch·head would leave the GPU idle."""
+        kernel's one program per batch·head would leave the GPU idle. Not with dropout:
+        its mask is drawn per 16 x 16 block of one head's queries and keys
+        (masking.dropout_multiplier), which split-KV's rows (several heads' queries
+        packed) do not form."""
         if (not self.uses_flash_kernel or self.seq_q > tuning.SPLIT_KV_MAX_Q
-                or self.seq_k < tuning.SPLIT_KV_MIN_K):
+                or self.seq_k < tuning.SPLIT_KV_MIN_K or self.features.dropout_rate):
             return None
         row_blocks = triton.cdiv(self.num_heads // self.num_kv_heads * self.seq_q,
                                  tuning.SPLIT_KV_BLOCK_M)

@@ -270,6 +270,7 @@ class Footprint(NamedTuple):
     score_bytes: int = 0   # bytes per score element of the bias and the mask
     masked: bool = False   # causal, a window, spans, segment ids or a mask
     tma: bool = False      # the flash kernels' TMA variant (plan.Problem.tma)
+    dropout: bool = False  # attention dropout
 
 
 # TMA loads complete on mbarriers in shared memory, a few per pipeline stage; the
@@ -280,9 +281,10 @@ TMA_BARRIER_BYTES = KIB
 
 def _feature_slack(config, footprint):
     """Any kernel with features: their loads and predicates took up to 2 KB more (the score
-    tiles on sm_89, Triton 3.6)."""
+    tiles on sm_89, Triton 3.6), and so did dropout's draw (the score tiles on sm_89,
+    Triton 3.9)."""
     del config
-    return 2 * KIB if footprint.score_bytes or footprint.masked else 0
+    return 2 * KIB if footprint.score_bytes or footprint.masked or footprint.dropout else 0
 
 
 def _streamed_scores_bytes(config, footprint):

@@ -31,8 +31,8 @@ from jt_attention.kernels.tiles import (block_coords, load_from, rows_source, st
 
 @triton.jit
 def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m, offs_m,
-                    keys, offs_d, spans, q_segments_base, key_segments_base, mask_base, bias_base,
-                    seed_ptr, batch_head,
+                    start_n, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
+                    bias_base, seed_ptr, batch_head,
                     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                     DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                     SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
@@ -69,8 +69,9 @@ def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m
     dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
     if DROPOUT_THRESHOLD:  # dV takes the kept probabilities, dS the kept dP
         dropped_t = masking.dropout_multiplier(
-            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, rows[None, :],
-            keys[:, None], NUM_HEADS, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, start_m,
+            offs_m.shape[0], start_n, keys.shape[0], True, NUM_HEADS, SEQ_Q, SEQ_K,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE,
             DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
         dv = tl.dot((probs_t * dropped_t).to(dout.dtype), dout, dv,
                     input_precision=DOT_PRECISION)
@@ -153,8 +154,9 @@ def _flash_key_grads_kernel(
             for start_m in range(begin, end, BLOCK_M):
                 dk, dv = _key_grads_step(
                     dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
-                    start_m, offs_m, keys, offs_d, spans, q_segments_base, key_segments_base,
-                    mask_base, bias_base, dropout_seed_ptr, batch * NUM_HEADS + head,
+                    start_m, offs_m, start_n, keys, offs_d, spans, q_segments_base,
+                    key_segments_base, mask_base, bias_base, dropout_seed_ptr,
+                    batch * NUM_HEADS + head,
                     DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
                     SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
                     WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_QS,
@@ -172,8 +174,9 @@ def _flash_key_grads_kernel(
 
 
 @triton.jit
-def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n,
-                      offs_d, batch, head, lo, hi, q_segment, key_segments_base, mask_base,
+def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, start_m,
+                      rows, offs_n, offs_d, batch, head, lo, hi, q_segment, key_segments_base,
+                      mask_base,
                       bias_base, seed_ptr,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                       DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
@@ -205,7 +208,8 @@ def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_
     dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT_THRESHOLD:  # the kept dP
         dprobs = dprobs * masking.dropout_multiplier(
-            seed_ptr, batch, head, rows[:, None], cols[None, :], NUM_HEADS, SEQ_Q, SEQ_K,
+            seed_ptr, batch, head, start_m, rows.shape[0], start_n, offs_n.shape[0], False,
+            NUM_HEADS, SEQ_Q, SEQ_K,
             DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
     dlogits = probs * (dprobs - delta[:, None]) * cap_grad
     if BIAS_GRAD:
@@ -294,7 +298,8 @@ def _flash_query_grads_kernel(
         begin, end = masking.stretch_bounds(stretch, start, full_start, full_end, stop)
         for start_n in range(begin, end, BLOCK_N):
             dq = _query_grads_step(
-                dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, rows, offs_n, offs_d,
+                dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, start_m, rows,
+                offs_n, offs_d,
                 batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
                 dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
                 DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,

@@ -22,8 +22,8 @@ from jt_attention.kernels.tiles import (block_coords, load_from, longest_first_c
 
 
 @triton.jit
-def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d,
-                  lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
+def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n,
+                  offs_d, lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
                   batch_head,
                   DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                   DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
@@ -61,8 +61,9 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, of
     row_sum = row_sum * rescale + tl.sum(probs, 1)
     if DROPOUT_THRESHOLD:
         probs = probs * masking.dropout_multiplier(
-            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, queries[:, None],
-            cols[None, :], NUM_HEADS, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, start_m,
+            queries.shape[0], start_n, offs_n.shape[0], False, NUM_HEADS, SEQ_Q, SEQ_K,
+            DROPOUT_THRESHOLD, DROPOUT_SCALE,
             DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
     v = load_from(v_rows, start_n, cols, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
                   BLOCK_D != HEAD_DIM, TMA)
@@ -73,7 +74,8 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, of
 
 @triton.jit
 def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end,
-                      stop, queries, offs_n, offs_d, lo, hi, q_segment, key_segments_base,
+                      stop, start_m, queries, offs_n, offs_d, lo, hi, q_segment,
+                      key_segments_base,
                       mask_base, bias_base, seed_ptr, batch_head,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                       DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
@@ -91,8 +93,9 @@ def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_star
         begin, end = masking.stretch_bounds(stretch, start, full_start, full_end, stop)
         for start_n in range(begin, end, BLOCK_N):
             acc, row_sum, row_max = _attend_block(
-                acc, row_sum, row_max, q, k_rows, v_rows, start_n, queries, offs_n, offs_d, lo,
-                hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+                acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n,
+                offs_d, lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
+                batch_head,
                 DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
                 SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
                 WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS,
@@ -162,8 +165,9 @@ def _flash_forward_kernel(
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, row_sum, row_max = _attend_stretches(
-        acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end, stop, offs_m,
-        offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base, bias_base,
+        acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end, stop, start_m,
+        offs_m, offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base,
+        bias_base,
         dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
         DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
         WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,

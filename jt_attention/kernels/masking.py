@@ -309,7 +309,7 @@ def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
 
 @triton.jit
 def _philox(c0, c1, c2, seed):
-    """First word of Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0), all
+    """Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0): its four words, all
     uint32 (features.philox is the jnp twin)."""
     c3 = c0 * 0
     k0 = seed
@@ -323,26 +323,54 @@ def _philox(c0, c1, c2, seed):
         c3 = tl.mul(_ROUND_A, previous_c0, sanitize_overflow=False)
         k0 = tl.add(k0, _KEY_A, sanitize_overflow=False)
         k1 = tl.add(k1, _KEY_B, sanitize_overflow=False)
-    return c0
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def dropout_multiplier(seed_ptr, batch, head, q, k, NUM_HEADS: tl.constexpr,
-                       SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, THRESHOLD: tl.constexpr,
-                       SCALE: tl.constexpr, BROADCAST: tl.constexpr,
-                       SEED_BATCH: tl.constexpr):
-    """keep / (1 - rate) at [q, k] (index tensors [M, 1] and [1, N], either way round):
-    Philox word (q * SEQ_K + k, stream batch * NUM_HEADS + head, or 0 if BROADCAST) of the
-    call's seed, kept where it is at least THRESHOLD. SEED_BATCH (plan.dropout_seed_batch):
-    0 for one call; under jax.vmap, the mapped axis folded into the batch, n > 0: the
-    streams restart every n batch elements, and -n: so do they, with a seed per batch
-    element (a mapped key). Each element of the map then draws what a call of its own
-    would."""
-    q = q.to(tl.uint32)
-    low = tl.mul(q, SEQ_K, sanitize_overflow=False)
-    position = tl.add(low, k.to(tl.uint32), sanitize_overflow=False)
-    if SEQ_Q * SEQ_K >= 2**32:  # the position's high word
-        high = tl.math.umulhi(q, SEQ_K) + (position < low).to(tl.uint32)
+def _alternate_eights(a, b, AXIS: tl.constexpr):
+    """a and b ([R, C]) merged along AXIS, whose length doubles: its blocks of 8 come
+    from a and b in turn."""
+    R: tl.constexpr = a.shape[0]
+    C: tl.constexpr = a.shape[1]
+    if AXIS == 1:
+        both = tl.join(tl.reshape(a, (R, C // 8, 8)), tl.reshape(b, (R, C // 8, 8)))
+        merged = tl.reshape(tl.permute(both, (0, 1, 3, 2)), (R, 2 * C))
+    else:
+        both = tl.join(tl.reshape(a, (R // 8, 8, C)), tl.reshape(b, (R // 8, 8, C)))
+        merged = tl.reshape(tl.permute(both, (0, 3, 1, 2)), (2 * R, C))
+    return merged
+
+
+@triton.jit
+def dropout_multiplier(seed_ptr, batch, head, query_start, BLOCK_M: tl.constexpr, key_start,
+                       BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr,
+                       NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+                       THRESHOLD: tl.constexpr, SCALE: tl.constexpr,
+                       BROADCAST: tl.constexpr, SEED_BATCH: tl.constexpr):
+    """keep / (1 - rate) for queries [query_start, + BLOCK_M) and keys [key_start, +
+    BLOCK_N) (both starts multiples of 16): a [queries, keys] tile, or [keys, queries]
+    if KEYS_FIRST. Queries q, q + 8 and keys k, k + 8 (q % 16 < 8, k % 16 < 8) share one
+    Philox block, whose word 2 * (q half) + (k half) each takes: the four elements a
+    thread holds in the matrix-multiply layouts of either orientation, so the draw needs
+    no shared memory (features.dropout_keep is the jnp twin; WORKSPACE_NOTES.md,
+    "Dropout: one Philox block per four elements"). SEED_BATCH
+    (plan.dropout_seed_batch): 0 for one call; under jax.vmap, the mapped axis folded
+    into the batch, n > 0: the streams restart every n batch elements, and -n: so do
+    they, with a seed per batch element (a mapped key). Each element of the map then
+    draws what a call of its own would."""
+    KEY_GROUPS: tl.constexpr = 8 * ((SEQ_K + 15) // 16)
+    query_groups = (tl.arange(0, BLOCK_M // 2) + query_start // 2).to(tl.uint32)
+    key_groups = (tl.arange(0, BLOCK_N // 2) + key_start // 2).to(tl.uint32)
+    if KEYS_FIRST:  # the tile's orientation from the start: a transpose would cost a copy
+        query_groups = query_groups[None, :]
+        key_groups = key_groups[:, None]
+    else:
+        query_groups = query_groups[:, None]
+        key_groups = key_groups[None, :]
+    low = tl.mul(query_groups, KEY_GROUPS, sanitize_overflow=False)
+    position = tl.add(low, key_groups, sanitize_overflow=False)
+    if (SEQ_Q + 15) // 16 * 8 * KEY_GROUPS >= 2**32:  # the position's high word
+        high = tl.math.umulhi(query_groups, KEY_GROUPS) + (position < low).to(tl.uint32)
     else:
         high = position * 0
     if SEED_BATCH < 0:
@@ -354,8 +382,15 @@ def dropout_multiplier(seed_ptr, batch, head, q, k, NUM_HEADS: tl.constexpr,
     stream = position * 0
     if not BROADCAST:
         stream += (batch * NUM_HEADS + head).to(tl.uint32)
-    word = _philox(position, high, stream, seed.to(tl.uint32, bitcast=True))
-    return tl.where(word >= THRESHOLD, SCALE, 0.0)
+    words = _philox(position, high, stream, seed.to(tl.uint32, bitcast=True))
+    kept0 = tl.where(words[0] >= THRESHOLD, SCALE, 0.0)
+    kept1 = tl.where(words[1] >= THRESHOLD, SCALE, 0.0)
+    kept2 = tl.where(words[2] >= THRESHOLD, SCALE, 0.0)
+    kept3 = tl.where(words[3] >= THRESHOLD, SCALE, 0.0)
+    KEY_AXIS: tl.constexpr = 0 if KEYS_FIRST else 1
+    low_queries = _alternate_eights(kept0, kept1, KEY_AXIS)
+    high_queries = _alternate_eights(kept2, kept3, KEY_AXIS)
+    return _alternate_eights(low_queries, high_queries, 1 - KEY_AXIS)
 
 
 @triton.jit

@@ -86,8 +86,9 @@ def _split_kv_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    tl.static_assert(DROPOUT_THRESHOLD == 0, "dropout never takes split-KV (plan.kv_slices)")
     acc, row_sum, row_max = _attend_stretches(
-        acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, query,
+        acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, 0, query,
         offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K,
         mask_base[:, None], bias_base[:, None], dropout_seed_ptr,
         (batch * NUM_HEADS + feature_head)[:, None], DROPOUT_THRESHOLD, DROPOUT_SCALE,

@@ -151,7 +151,8 @@ def _score_grads_kernel(
             probs = tl.where(keep, probs, 0.0)
         if DROPOUT_THRESHOLD:
             dropped = masking.dropout_multiplier(
-                dropout_seed_ptr, batch, head, rows[:, None], cols[None, :], NUM_HEADS,
+                dropout_seed_ptr, batch, head, start_m, BLOCK_M, start_n, BLOCK_N, False,
+                NUM_HEADS,
                 SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
                 DROPOUT_SEED_BATCH)
             dlogits = probs * (dprobs * dropped - delta[:, None]) * cap_grad

@@ -112,7 +112,8 @@ def _score_tiles_kernel(
         tl.store(tile_sum_ptr + stats_offset, tl.sum(probs, 1), mask=offs_m < SEQ_Q)
         if DROPOUT_THRESHOLD:
             probs = probs * masking.dropout_multiplier(
-                dropout_seed_ptr, batch, head, offs_m[:, None], offs_n[None, :], NUM_HEADS,
+                dropout_seed_ptr, batch, head, start_m, BLOCK_M, start_n, TILE_N, False,
+                NUM_HEADS,
                 SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
                 DROPOUT_SEED_BATCH)
         PADDED_K: tl.constexpr = NUM_TILES * TILE_N
@@ -431,7 +432,8 @@ def _row_softmax_kernel(
     probs = probs * (1.0 / tl.where(seen, row_sum, 1.0))[:, None]
     if DROPOUT_THRESHOLD:
         probs = probs * masking.dropout_multiplier(
-            dropout_seed_ptr, batch, head, rows[:, None], cols[None, :], NUM_HEADS,
+            dropout_seed_ptr, batch, head, row_block * BLOCK_M, BLOCK_M, 0, ROW_KEYS, False,
+            NUM_HEADS,
             SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
             DROPOUT_SEED_BATCH)
     probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols,
