@@ -17,9 +17,10 @@ Three questions, asked by every kernel that reads scores:
 3. The logits: `logits` adds the bias and applies the soft-cap, returning base-2
    scores (log2(e) folded in, as the kernels use exp2) and the soft-cap's derivative
    for the backward; `store_bias_grad` writes or accumulates the bias gradient.
-4. Dropout: `dropout_multiplier` draws, for any tile, the factor keep / (1 - rate) of
-   each element from its position (features.dropout_keep is the jnp twin), so the
-   forward and both backward kernels draw the same mask whatever their blocks.
+4. Dropout: `dropout_multiplier` draws, for any tile that starts at multiples of 16,
+   the factor keep / (1 - rate) of each element from its position
+   (features.dropout_keep is the jnp twin), so the forward and both backward kernels
+   draw the same mask whatever their blocks.
 
 Band: query i sees keys i - WINDOW_LEFT .. i + WINDOW_RIGHT, and none past i if
 IS_CAUSAL; -1 leaves a side unbounded. Operand layouts (BIAS_LAYOUT, MASK_LAYOUT,
