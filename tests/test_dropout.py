@@ -2,8 +2,9 @@
 
 The forward and gradients against a reference that applies the same mask run in every
 kernel family with the other features (tests/test_features.py); here: the mask is
-reproducible and differs between keys, the keep rate is 1 - rate, the 'xla' path and
-the kernels draw the same mask, and rate 0 is the plain path exactly.
+reproducible and differs between keys, the keep rate is 1 - rate, neighbours (those of
+one Philox block too) draw independently, the 'xla' path and the kernels draw the same
+mask, and rate 0 is the plain path exactly.
 """
 
 import jax
@@ -51,6 +52,19 @@ def test_keep_rate(rate, broadcast):
     np.testing.assert_allclose(kept.transpose(0, 2, 1),
                                np.broadcast_to(np.asarray(keep).mean(-1), (batch, heads, seq)),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [(0, 1), (0, 8), (8, 0), (8, 8), (1, 0)])
+def test_neighbours_draw_independently(offset):
+    """Elements that share a Philox block ((i, j), (i, j + 8), (i + 8, j), (i + 8, j + 8))
+    or sit side by side agree as often as independent draws would: p**2 + (1 - p)**2,
+    within 5 standard deviations (features.dropout_keep, which the kernels match)."""
+    rate, (di, dj) = 0.5, offset
+    keep = np.asarray(features.dropout_keep(features.dropout_seed(rate, jax.random.key(5)),
+                                            (2, 2, 96, 112), rate, False))
+    agree = keep[..., :keep.shape[2] - di, :keep.shape[3] - dj] == keep[..., di:, dj:]
+    expected = rate ** 2 + (1 - rate) ** 2
+    assert abs(agree.mean() - expected) < 5 * np.sqrt(expected * (1 - expected) / agree.size)
 
 
 def test_xla_path_draws_the_kernels_mask():
