@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jt_attention
-from jt_attention import features
+from jt_attention import features, plan
 from helpers import kernel_implementation, random_inputs
 
 KERNELS = kernel_implementation()
@@ -65,6 +65,17 @@ def test_neighbours_draw_independently(offset):
     agree = keep[..., :keep.shape[2] - di, :keep.shape[3] - dj] == keep[..., di:, dj:]
     expected = rate ** 2 + (1 - rate) ** 2
     assert abs(agree.mean() - expected) < 5 * np.sqrt(expected * (1 - expected) / agree.size)
+
+
+def test_decoding_with_dropout_takes_the_flash_kernels():
+    """Split-KV packs several heads' queries into a tile's rows, which the per-block draw
+    cannot serve: a decoding shape with dropout takes the flash kernels instead."""
+    decoding = plan.Problem(1, 1, 4096, 8, 1, 64, np.dtype(np.float16), 0.125, False)
+    names = lambda p: {l.kernel.fn.__name__ for l in plan.forward_plan(p)}
+    assert "_split_kv_kernel" in names(decoding)
+    with_dropout = plan.Problem(1, 1, 4096, 8, 1, 64, np.dtype(np.float16), 0.125, False,
+                                features=features.Features(dropout_rate=0.1))
+    assert names(with_dropout) == {"_flash_forward_kernel"}
 
 
 def test_xla_path_draws_the_kernels_mask():
