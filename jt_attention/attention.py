@@ -241,7 +241,7 @@ def resolve_implementation(implementation):
         return implementation
     if not _has_cuda_gpu():
         log_once("jt_attention: no CUDA GPU, so implementation=None runs the XLA reference "
-                  "(pure jnp), not the Triton kernels", logging.WARNING)
+                 "(pure jnp), not the Triton kernels", logging.WARNING)
         return "xla"
     log_once("jt_attention: implementation=None runs the Triton kernels on the CUDA GPU")
     return "triton"

@@ -27,13 +27,11 @@ a decode step (one query against the cache) keeps to the module's cache mask. On
 attention: a query row whose keys are all masked returns 0, not the mean of the values.
 """
 
-
 import jax.numpy as jnp
 
 from jt_attention.attention import dot_product_attention
 from jt_attention.log import log_once
 from jt_attention.reference import attention_weights
-
 
 
 def make_attention_fn(*, is_causal=False, local_window_size=None, logits_soft_cap=None,
@@ -93,7 +91,7 @@ def _sow_weights(module, query, key, bias, mask, is_causal, options):
     """module.sow of the softmax weights [batch..., heads, q_len, kv_len], as Flax's own
     attention sows them (before dropout)."""
     log_once("jt_attention: sow_weights computes the attention weights with the XLA "
-              "reference (a [batch, heads, q_len, kv_len] array), beside the kernels")
+             "reference (a [batch, heads, q_len, kv_len] array), beside the kernels")
     batch_shape = query.shape[:-3]
     fold = lambda x: x.reshape(-1, *x.shape[-3:])
     weights = attention_weights(

@@ -193,19 +193,19 @@ def _decide(problem, mesh, names, arg_shapes):
     heads = _axes(q_spec, q_roles.index("n")) if "n" in q_roles else ()
     if batch and problem.batch % _size(mesh, batch):
         log_once(f"jt_attention: the batch ({problem.batch}) does not split evenly over "
-                  f"mesh axes {batch}: the batch is gathered")
+                 f"mesh axes {batch}: the batch is gathered")
         batch = ()
     if heads and problem.num_kv_heads % _size(mesh, heads):
         log_once(f"jt_attention: heads sharded over mesh axes {heads} ({_size(mesh, heads)} "
-                  f"shards) would split the {problem.num_kv_heads} KV heads' groups of "
-                  f"{problem.num_heads // problem.num_kv_heads} query heads: the kernels "
-                  "take whole KV groups, so the heads are gathered")
+                 f"shards) would split the {problem.num_kv_heads} KV heads' groups of "
+                 f"{problem.num_heads // problem.num_kv_heads} query heads: the kernels "
+                 "take whole KV groups, so the heads are gathered")
         heads = ()
     if (batch or heads) and _dropout_by_position(problem):
         log_once(f"jt_attention: dropout (not broadcast) draws each element's mask from "
-                  f"its batch and head index, which a shard would renumber: the batch and "
-                  f"heads (sharded over mesh axes {batch + heads}) are gathered, for the "
-                  "same mask as the unsharded call")
+                 f"its batch and head index, which a shard would renumber: the batch and "
+                 f"heads (sharded over mesh axes {batch + heads}) are gathered, for the "
+                 "same mask as the unsharded call")
         batch = heads = ()
     plan = _Plan(batch, heads)
     for name, shape in zip(names, arg_shapes):
@@ -217,9 +217,9 @@ def _decide(problem, mesh, names, arg_shapes):
             if extra:
                 what = _ROLE_NAMES[role] if role else f"dim {dim}"
                 log_once(f"jt_attention: {name}'s {what} dim is sharded over mesh axis "
-                          f"{', '.join(map(repr, extra))}; the attention kernels partition "
-                          "only the batch and heads (as the query's), so that axis is "
-                          "gathered there")
+                         f"{', '.join(map(repr, extra))}; the attention kernels partition "
+                         "only the batch and heads (as the query's), so that axis is "
+                         "gathered there")
     return plan
 
 
@@ -247,7 +247,7 @@ def _partition(run, kind, problem, implementation, mesh, arg_shapes, result_shap
         plan = _decide(problem, mesh, inputs, arg_shapes)
     else:
         log_once("jt_attention: the operands' shardings name no mesh axes: the attention "
-                  "kernels run on gathered operands")
+                 "kernels run on gathered operands")
         mesh, plan = _fallback_mesh(mesh, arg_shapes), _Plan((), ())
     arg_shardings = tuple(NamedSharding(mesh, plan.spec(roles(n, s.shape, problem)))
                           for n, s in zip(inputs, arg_shapes))

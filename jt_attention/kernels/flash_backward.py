@@ -71,8 +71,7 @@ def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m
         dropped_t = masking.dropout_multiplier(
             seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, start_m,
             offs_m.shape[0], start_n, keys.shape[0], True, NUM_HEADS, SEQ_Q, SEQ_K,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE,
-            DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
         dv = tl.dot((probs_t * dropped_t).to(dout.dtype), dout, dv,
                     input_precision=DOT_PRECISION)
         dprobs_t = dprobs_t * dropped_t
@@ -156,11 +155,10 @@ def _flash_key_grads_kernel(
                     dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
                     start_m, offs_m, start_n, keys, offs_d, spans, q_segments_base,
                     key_segments_base, mask_base, bias_base, dropout_seed_ptr,
-                    batch * NUM_HEADS + head,
-                    DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
-                    SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
-                    WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_QS,
-                    STRIDE_DOS, stretch != 1, RAGGED_ROWS, DOT_PRECISION, TMA)
+                    batch * NUM_HEADS + head, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+                    DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                    IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
+                    BLOCK_D, STRIDE_QS, STRIDE_DOS, stretch != 1, RAGGED_ROWS, DOT_PRECISION, TMA)
 
     dk *= SCALE
     store_to(rows_source(dk_ptr + k_base + kv_offsets, dk_ptr + k_base, STRIDE_KS, SEQ_K,
@@ -176,8 +174,7 @@ def _flash_key_grads_kernel(
 @triton.jit
 def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, start_m,
                       rows, offs_n, offs_d, batch, head, lo, hi, q_segment, key_segments_base,
-                      mask_base,
-                      bias_base, seed_ptr,
+                      mask_base, bias_base, seed_ptr,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                       DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                       SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
@@ -209,8 +206,8 @@ def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_
     if DROPOUT_THRESHOLD:  # the kept dP
         dprobs = dprobs * masking.dropout_multiplier(
             seed_ptr, batch, head, start_m, rows.shape[0], start_n, offs_n.shape[0], False,
-            NUM_HEADS, SEQ_Q, SEQ_K,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
+            NUM_HEADS, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
+            DROPOUT_SEED_BATCH)
     dlogits = probs * (dprobs - delta[:, None]) * cap_grad
     if BIAS_GRAD:
         masking.store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, BIAS_GRAD,
@@ -298,9 +295,8 @@ def _flash_query_grads_kernel(
         begin, end = masking.stretch_bounds(stretch, start, full_start, full_end, stop)
         for start_n in range(begin, end, BLOCK_N):
             dq = _query_grads_step(
-                dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, start_m, rows,
-                offs_n, offs_d,
-                batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
+                dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, start_m, rows, offs_n,
+                offs_d, batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
                 dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
                 DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,
                 SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,

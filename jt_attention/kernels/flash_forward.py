@@ -63,8 +63,7 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, qu
         probs = probs * masking.dropout_multiplier(
             seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, start_m,
             queries.shape[0], start_n, offs_n.shape[0], False, NUM_HEADS, SEQ_Q, SEQ_K,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE,
-            DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
+            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
     v = load_from(v_rows, start_n, cols, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
                   BLOCK_D != HEAD_DIM, TMA)
     acc = acc * rescale[:, None]
@@ -75,8 +74,7 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, qu
 @triton.jit
 def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end,
                       stop, start_m, queries, offs_n, offs_d, lo, hi, q_segment,
-                      key_segments_base,
-                      mask_base, bias_base, seed_ptr, batch_head,
+                      key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                       DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                       SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
@@ -93,9 +91,8 @@ def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_star
         begin, end = masking.stretch_bounds(stretch, start, full_start, full_end, stop)
         for start_n in range(begin, end, BLOCK_N):
             acc, row_sum, row_max = _attend_block(
-                acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n,
-                offs_d, lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
-                batch_head,
+                acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n, offs_d,
+                lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
                 DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
                 SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
                 WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS,
@@ -167,11 +164,10 @@ def _flash_forward_kernel(
     acc, row_sum, row_max = _attend_stretches(
         acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end, stop, start_m,
         offs_m, offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base,
-        bias_base,
-        dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-        DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL,
-        WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS,
-        STRIDE_VS, BLOCK_N, DOT_PRECISION, TMA)
+        bias_base, dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+        DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS,
+        SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D,
+        STRIDE_KS, STRIDE_VS, BLOCK_N, DOT_PRECISION, TMA)
 
     seen = row_sum > 0  # else the row saw no key: 0 out, lse -inf
     acc = acc / tl.where(seen, row_sum, 1.0)[:, None]
