@@ -262,12 +262,12 @@ def dropout_seed(rate, rng):
 
 
 def dropout_threshold(rate):
-    """Philox words below this are dropped: rate of the 2**32 words (0: no dropout)."""
-    return min(int(round(rate * 2.0**32)), 2**32 - 1)
+    """16-bit draws below this are dropped: the rate in units of 2**-16, at least 1 for
+    any rate above 0 (0: no dropout)."""
+    return 0 if not rate else min(max(int(round(rate * 2.0**16)), 1), 2**16 - 1)
 
 
-PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUND, PHILOX_KEY_STEP, PHILOX_ROUNDS = 0xD256D193, 0x9E3779B9, 10
 
 
 def _umulhi(a, b):
@@ -279,21 +279,16 @@ def _umulhi(a, b):
     return a1 * b1 + (middle >> 16) + (middle2 >> 16)
 
 
-def philox(c0, c1, c2, seed):
-    """Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0), uint32 arrays: its
-    four words (the jnp twin of kernels/masking._philox)."""
+def philox(c0, c1, key):
+    """Philox-2x32-10 for counter (c0, c1) and key, uint32 arrays: its two words (the
+    jnp twin of kernels/masking._philox)."""
     u32 = lambda x: (jnp.asarray(x, jnp.uint32) if isinstance(x, int)
                      else jnp.asarray(x).astype(jnp.uint32))
-    c0, c1, c2, c3 = u32(c0), u32(c1), u32(c2), u32(0)
-    k0, k1 = u32(seed), u32(0)
-    for _ in range(10):
-        previous_c0, previous_c2 = c0, c2
-        c0 = _umulhi(u32(PHILOX_ROUND_B), previous_c2) ^ c1 ^ k0
-        c2 = _umulhi(u32(PHILOX_ROUND_A), previous_c0) ^ c3 ^ k1
-        c1 = u32(PHILOX_ROUND_B) * previous_c2
-        c3 = u32(PHILOX_ROUND_A) * previous_c0
-        k0, k1 = k0 + u32(PHILOX_KEY_A), k1 + u32(PHILOX_KEY_B)
-    return c0, c1, c2, c3
+    c0, c1, key = u32(c0), u32(c1), u32(key)
+    for _ in range(PHILOX_ROUNDS):
+        c0, c1 = _umulhi(u32(PHILOX_ROUND), c0) ^ c1 ^ key, u32(PHILOX_ROUND) * c0
+        key = key + u32(PHILOX_KEY_STEP)
+    return c0, c1
 
 
 def dropout_keep(seed, shape, rate, broadcast):
@@ -312,10 +307,12 @@ def dropout_keep(seed, shape, rate, broadcast):
     position = low + group(keys)
     high = _umulhi(group(queries), jnp.uint32(key_groups)) + (position < low).astype(jnp.uint32)
     stream = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1, 1)
-    words = philox(position, high, stream, jax.lax.bitcast_convert_type(seed[0], jnp.uint32))
+    key = jax.lax.bitcast_convert_type(seed[0], jnp.uint32) + high * jnp.uint32(PHILOX_KEY_STEP)
+    words = philox(position, stream, key)
+    halves = [words[0] & 0xFFFF, words[0] >> 16, words[1] & 0xFFFF, words[1] >> 16]
     which = 2 * (queries // 8 % 2) + keys // 8 % 2
-    word = jnp.select([which == w for w in range(3)], list(words[:3]), words[3])
-    return word >= jnp.uint32(dropout_threshold(rate))
+    draw = jnp.select([which == w for w in range(3)], halves[:3], halves[3])
+    return draw >= jnp.uint32(dropout_threshold(rate))
 
 
 def _dense_operand(name, array, batch_shape, problem_shape):

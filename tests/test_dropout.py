@@ -2,7 +2,8 @@
 
 The forward and gradients against a reference that applies the same mask run in every
 kernel family with the other features (tests/test_features.py); here: the mask is
-reproducible and differs between keys, the keep rate is 1 - rate, neighbours (those of
+reproducible and differs between keys, the generator is Philox-2x32-10 (Random123's
+known answers), the keep rate is 1 - rate, neighbours (those of
 one Philox block too) draw independently, the 'xla' path and the kernels draw the same
 mask, and rate 0 is the plain path exactly.
 """
@@ -30,6 +31,23 @@ def test_mask_is_reproducible_and_follows_the_key():
     other = _attend(q, k, v, dropout_rate=0.25, dropout_rng=jax.random.key(8))
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).max() > 0.1
+
+
+@pytest.mark.parametrize("counter,key,words", [
+    ((0, 0), 0, (0xFF1DAE59, 0x6CD10DF2)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), 0xFFFFFFFF, (0x2C3F628B, 0xAB4FD7AD)),
+    ((0x243F6A88, 0x85A308D3), 0x13198A2E, (0xDD7CE038, 0xF62A4C12))])
+def test_philox_known_answers(counter, key, words):
+    """The jnp twin (which the kernels match) is Philox-2x32-10: Random123's test vectors."""
+    assert tuple(int(w) for w in features.philox(*counter, key)) == words
+
+
+def test_rate_resolution():
+    """Rates are drawn at 16 bits: any rate above 0 drops something; none drops all."""
+    assert features.dropout_threshold(0.0) == 0
+    assert features.dropout_threshold(1e-9) == 1
+    assert features.dropout_threshold(0.1) == 6554
+    assert features.dropout_threshold(1 - 1e-9) == 2**16 - 1
 
 
 @pytest.mark.parametrize("rate,broadcast", [(0.1, False), (0.5, True), (0.9, False)])

@@ -37,11 +37,10 @@ _BATCH: tl.constexpr = tl.constexpr(1)
 _HEADS: tl.constexpr = tl.constexpr(2)
 _QUERIES: tl.constexpr = tl.constexpr(4)
 _KEYS: tl.constexpr = tl.constexpr(8)
-# Philox-4x32 constants (features.PHILOX_*)
-_ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
-_ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
-_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
-_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
+# Philox-2x32 constants (features.PHILOX_*)
+_ROUND: tl.constexpr = tl.constexpr(0xD256D193)
+_KEY_STEP: tl.constexpr = tl.constexpr(0x9E3779B9)
+_ROUNDS: tl.constexpr = tl.constexpr(10)
 # Bias-gradient modes (plan.bias_grad_mode)
 STORE: tl.constexpr = tl.constexpr(1)       # one visit per element: dbias = dS
 ACCUMULATE: tl.constexpr = tl.constexpr(2)  # broadcast dims: fp32 atomic sums
@@ -309,22 +308,15 @@ def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
 
 
 @triton.jit
-def _philox(c0, c1, c2, seed):
-    """Philox-4x32-10 for counter (c0, c1, c2, 0) and key (seed, 0): its four words, all
-    uint32 (features.philox is the jnp twin)."""
-    c3 = c0 * 0
-    k0 = seed
-    k1 = seed * 0
-    for _ in tl.static_range(10):
+def _philox(c0, c1, key):
+    """Philox-2x32-10 for counter (c0, c1) and key: its two words, uint32
+    (features.philox is the jnp twin)."""
+    for _ in tl.static_range(_ROUNDS):
         previous_c0 = c0
-        previous_c2 = c2
-        c0 = tl.math.umulhi(_ROUND_B, previous_c2) ^ c1 ^ k0
-        c2 = tl.math.umulhi(_ROUND_A, previous_c0) ^ c3 ^ k1
-        c1 = tl.mul(_ROUND_B, previous_c2, sanitize_overflow=False)
-        c3 = tl.mul(_ROUND_A, previous_c0, sanitize_overflow=False)
-        k0 = tl.add(k0, _KEY_A, sanitize_overflow=False)
-        k1 = tl.add(k1, _KEY_B, sanitize_overflow=False)
-    return c0, c1, c2, c3
+        c0 = tl.math.umulhi(_ROUND, previous_c0) ^ c1 ^ key
+        c1 = tl.mul(_ROUND, previous_c0, sanitize_overflow=False)
+        key = tl.add(key, _KEY_STEP, sanitize_overflow=False)
+    return c0, c1
 
 
 @triton.jit
@@ -351,7 +343,7 @@ def dropout_multiplier(seed_ptr, batch, head, query_start, BLOCK_M: tl.constexpr
     """keep / (1 - rate) for queries [query_start, + BLOCK_M) and keys [key_start, +
     BLOCK_N) (both starts multiples of 16): a [queries, keys] tile, or [keys, queries]
     if KEYS_FIRST. Queries q, q + 8 and keys k, k + 8 (q % 16 < 8, k % 16 < 8) share one
-    Philox block, whose word 2 * (q half) + (k half) each takes: the four elements a
+    Philox-2x32 block, whose 16-bit half 2 * (q half) + (k half) each takes: the four elements a
     thread holds in the matrix-multiply layouts of either orientation, so the draw needs
     no shared memory (features.dropout_keep is the jnp twin; WORKSPACE_NOTES.md,
     "Dropout: one Philox block per four elements"). SEED_BATCH
@@ -370,24 +362,26 @@ def dropout_multiplier(seed_ptr, batch, head, query_start, BLOCK_M: tl.constexpr
         key_groups = key_groups[None, :]
     low = tl.mul(query_groups, KEY_GROUPS, sanitize_overflow=False)
     position = tl.add(low, key_groups, sanitize_overflow=False)
-    if (SEQ_Q + 15) // 16 * 8 * KEY_GROUPS >= 2**32:  # the position's high word
-        high = tl.math.umulhi(query_groups, KEY_GROUPS) + (position < low).to(tl.uint32)
-    else:
-        high = position * 0
     if SEED_BATCH < 0:
         seed = tl.load(seed_ptr + batch)
     else:
         seed = tl.load(seed_ptr)
+    key = seed.to(tl.uint32, bitcast=True)
+    if (SEQ_Q + 15) // 16 * 8 * KEY_GROUPS >= 2**32:  # the position's high word steps the key
+        high = tl.math.umulhi(query_groups, KEY_GROUPS) + (position < low).to(tl.uint32)
+        key = tl.add(key, tl.mul(high, _KEY_STEP, sanitize_overflow=False),
+                     sanitize_overflow=False)
     if SEED_BATCH:
         batch = batch % (SEED_BATCH if SEED_BATCH > 0 else -SEED_BATCH)
     stream = position * 0
     if not BROADCAST:
         stream += (batch * NUM_HEADS + head).to(tl.uint32)
-    words = _philox(position, high, stream, seed.to(tl.uint32, bitcast=True))
-    kept0 = tl.where(words[0] >= THRESHOLD, SCALE, 0.0)
-    kept1 = tl.where(words[1] >= THRESHOLD, SCALE, 0.0)
-    kept2 = tl.where(words[2] >= THRESHOLD, SCALE, 0.0)
-    kept3 = tl.where(words[3] >= THRESHOLD, SCALE, 0.0)
+    words = _philox(position, stream, key)
+    # four 16-bit draws: a word's high half is >= THRESHOLD iff the word is >= THRESHOLD << 16
+    kept0 = tl.where((words[0] << 16) >= THRESHOLD << 16, SCALE, 0.0)
+    kept1 = tl.where(words[0] >= THRESHOLD << 16, SCALE, 0.0)
+    kept2 = tl.where((words[1] << 16) >= THRESHOLD << 16, SCALE, 0.0)
+    kept3 = tl.where(words[1] >= THRESHOLD << 16, SCALE, 0.0)
     KEY_AXIS: tl.constexpr = 0 if KEYS_FIRST else 1
     low_queries = _alternate_eights(kept0, kept1, KEY_AXIS)
     high_queries = _alternate_eights(kept2, kept3, KEY_AXIS)
