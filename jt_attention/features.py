@@ -59,7 +59,7 @@ class Features:
 
     @property
     def dropout_threshold(self):
-        """Philox words below this are dropped (0: no dropout)."""
+        """16-bit draws below this are dropped (0: no dropout)."""
         return dropout_threshold(self.dropout_rate)
 
 
@@ -294,9 +294,10 @@ def philox(c0, c1, key):
 def dropout_keep(seed, shape, rate, broadcast):
     """Boolean [B, N, T, S] (or [1, 1, T, S] if `broadcast`): whether dropout keeps each
     probability. Queries i, i + 8 and keys j, j + 8 (i % 16 < 8, j % 16 < 8) share the
-    Philox block of counter (group(i) * 8 * ceil(S / 16) + group(j), stream b * N + n)
-    and the call's seed (int32 [1]), group(x) = x // 16 * 8 + x % 8; element (i, j)
-    takes word 2 * (i // 8 % 2) + j // 8 % 2. The kernels draw the same
+    Philox-2x32 block of counter (group(i) * 8 * ceil(S / 16) + group(j), stream b * N + n)
+    and the call's seed as key (int32 [1]; stepped by the counter's high word where
+    T * S passes 2**32), group(x) = x // 16 * 8 + x % 8; element (i, j) takes 16-bit
+    half 2 * (i // 8 % 2) + j // 8 % 2 (low half of word 0 first). The kernels draw the same
     (masking.dropout_multiplier)."""
     batch, heads, seq_q, seq_k = (1, 1, *shape[2:]) if broadcast else shape
     group = lambda x: x // 16 * 8 + x % 8
