@@ -319,6 +319,12 @@ def _relative_error(out, ref):
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def _finite(out):
+    """Whether an output, or every gradient of a tuple, is free of NaN and inf."""
+    arrays = out if isinstance(out, (tuple, list)) else [out]
+    return all(bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in arrays)
+
+
 def _timed_function(attend, mode, q, k, v, dout):
     """A jitted no-argument call for `mode`, and its jitted form for memory analysis."""
     if mode == "fwd":
@@ -378,7 +384,12 @@ def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, caus
                  head_dim=head_dim, dtype=str(np.dtype(dtype)), causal=causal,
                  features=_feature_label(features), mode=mode, gpu=jax.devices()[0].device_kind)
     print(f"{_shape_label(shape)}: the fp32 reference", flush=True)
-    ref = _reference(q, k, v, dout, problem, mode, kwargs)
+    try:
+        ref = _reference(q, k, v, dout, problem, mode, kwargs)
+    except Exception as e:  # it materialises the scores: S=8192 gradients outgrow a GPU
+        print(f"  no fp32 reference ({type(e).__name__}): errors are not checked, only "
+              "that the results are finite", flush=True)
+        ref = None
     jax_impls = _jax_impls(problem, kwargs)
     rows = []
     for name in impls:
@@ -395,10 +406,11 @@ def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, caus
             else:
                 run, jitted = _timed_function(jax_impls[name], mode, q, k, v, dout)
                 ms, out, first_call_s = _time(run, jax.block_until_ready)
-            err = _relative_error(out, ref)
+            err = _relative_error(out, ref) if ref is not None else float("nan")
             flops = problem.flops() * FLOPS_PER_MODE[mode]
             io_bytes = sum(x.nbytes for x in (q, k, v, q))  # read q, k, v once, write out
-            row.update(ms=ms, tflops=flops / ms / 1e9, rel_err=err, ok=bool(np.isfinite(err)),
+            row.update(ms=ms, tflops=flops / ms / 1e9, rel_err=err,
+                       ok=_finite(out) and (ref is None or bool(np.isfinite(err))),
                        gbps=io_bytes / ms / 1e6, first_call_s=first_call_s,
                        temp_mb=_scratch_mb(jitted))
         except Exception as e:  # recorded, not raised: one failing peer must not stop the run
