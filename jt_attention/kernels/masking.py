@@ -69,14 +69,17 @@ def dense_base(ptr, batch, head, LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr,
 
 
 @triton.jit
-def _dense_tile_ptrs(base, q, k, LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr,
+def _load_dense_tile(base, q, k, LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr,
                      SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr):
-    """Pointers to [q, k] (index tensors [M, 1] and [1, N], either way round) of a dense
-    operand at `base`; indices past the ends read the last row or column (their values
-    are never used), so loads need no mask."""
+    """[q, k] (index tensors [M, 1] and [1, N], either way round) of a dense operand at
+    `base`; 0 (False) past the ends, whose values are never used. The indices go into
+    the address as they are, not clamped, so that the compiler sees runs of consecutive
+    keys and loads them as vectors at constant offsets from one address per row:
+    clamped, each element took a 64-bit address of its own, and the mask kernels spilled
+    (WORKSPACE_NOTES.md, "Bias and mask loads")."""
     _, _, query_stride, key_stride = _dense_strides(LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
-    return (base + tl.minimum(q, SEQ_Q - 1) * query_stride
-            + tl.minimum(k, SEQ_K - 1) * key_stride)
+    return tl.load(base + q * query_stride + k * key_stride, mask=(q < SEQ_Q) & (k < SEQ_K),
+                   other=0)
 
 
 @triton.jit
@@ -252,8 +255,7 @@ def visible(q, k, lo, hi, q_segment, key_segments_base, mask_base, NUM_HEADS: tl
     if SEGMENTS:
         keep = keep & (q_segment == tl.load(key_segments_base + tl.minimum(k, SEQ_K - 1)))
     if MASK_LAYOUT:
-        keep = keep & tl.load(_dense_tile_ptrs(mask_base, q, k, MASK_LAYOUT, NUM_HEADS,
-                                               SEQ_Q, SEQ_K))
+        keep = keep & _load_dense_tile(mask_base, q, k, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
     return keep
 
 
@@ -295,8 +297,7 @@ def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
     else:
         values = qk * SCALE
         if BIAS_LAYOUT:
-            bias = tl.load(_dense_tile_ptrs(bias_base, q, k, BIAS_LAYOUT, NUM_HEADS, SEQ_Q,
-                                            SEQ_K))
+            bias = _load_dense_tile(bias_base, q, k, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
             values += bias.to(tl.float32)
         cap_grad = 1.0
         if SOFT_CAP > 0:
