@@ -253,7 +253,8 @@ def visible(q, k, lo, hi, q_segment, key_segments_base, mask_base, NUM_HEADS: tl
     key_segments_base and mask_base point at the (batch, head)'s key ids and mask."""
     keep = (k >= lo) & (k < hi)
     if SEGMENTS:
-        keep = keep & (q_segment == tl.load(key_segments_base + tl.minimum(k, SEQ_K - 1)))
+        # unclamped, as in _load_dense_tile: runs of keys load as vectors
+        keep = keep & (q_segment == tl.load(key_segments_base + k, mask=k < SEQ_K, other=0))
     if MASK_LAYOUT:
         keep = keep & _load_dense_tile(mask_base, q, k, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
     return keep
