@@ -23,8 +23,9 @@ mask or a KV-cache mask (`decode=True`) becomes per-row key spans, so the kernel
 the blocks it hides and read it only in the blocks at its edges, as they do for
 is_causal and lengths. `make_attention_fn(is_causal=True)` skips them without reading
 a mask: every call with as many queries as keys is causal, whatever the module passes;
-a decode step (one query against the cache) keeps to the module's cache mask. One difference from Flax's own
-attention: a query row whose keys are all masked returns 0, not the mean of the values.
+a decode step (one query against the cache) keeps to the module's cache mask. One
+difference from Flax's own attention: a query row whose keys are all masked returns 0,
+not the mean of the values.
 """
 
 import jax.numpy as jnp

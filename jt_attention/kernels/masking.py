@@ -345,10 +345,10 @@ def dropout_multiplier(seed_ptr, batch, head, query_start, BLOCK_M: tl.constexpr
     """keep / (1 - rate) for queries [query_start, + BLOCK_M) and keys [key_start, +
     BLOCK_N) (both starts multiples of 16): a [queries, keys] tile, or [keys, queries]
     if KEYS_FIRST. Queries q, q + 8 and keys k, k + 8 (q % 16 < 8, k % 16 < 8) share one
-    Philox-2x32 block, whose 16-bit half 2 * (q half) + (k half) each takes: the four elements a
-    thread holds in the matrix-multiply layouts of either orientation, so the draw needs
-    no shared memory (features.dropout_keep is the jnp twin; WORKSPACE_NOTES.md,
-    "Dropout: one Philox block per four elements"). SEED_BATCH
+    Philox-2x32 block, whose 16-bit half 2 * (q half) + (k half) each takes: the four
+    elements a thread holds in the matrix-multiply layouts of either orientation, so the
+    draw needs no shared memory (features.dropout_keep is the jnp twin; WORKSPACE_NOTES.md,
+    "Dropout: one Philox block per four elements" and "Dropout: Philox-2x32"). SEED_BATCH
     (plan.dropout_seed_batch): 0 for one call; under jax.vmap, the mapped axis folded
     into the batch, n > 0: the streams restart every n batch elements, and -n: so do
     they, with a seed per batch element (a mapped key). Each element of the map then
