@@ -8,11 +8,13 @@ with the grid computed from the winning config's block sizes.
 import functools
 import inspect
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 
 from jt_attention import compile_cache, plan, tuning
+from jt_attention.log import logger
 from jt_attention.plan import backward_outputs, backward_plan, forward_outputs, forward_plan
 
 
@@ -88,11 +90,51 @@ def _after(arguments, previous, buffers):
     return arguments
 
 
+class _RefuseTorch:
+    """A sys.meta_path finder under which `import torch` fails at once."""
+
+    def find_spec(self, name, path=None, target=None):
+        del path, target
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"jt_attention: {name} hidden for a moment", name=name)
+        return None
+
+
+@functools.cache
+def _specializer_without_torch():
+    """Starts Triton's native argument specializer without importing torch.
+
+    In Triton 3.6 the specializer's first call imports torch, only to give torch.Tensor
+    a fast path (other tensors, torch's among them, take a path by attribute with the
+    same result; Triton 3.9 no longer imports it). jax-triton calls it at every
+    lowering, so where torch is installed each process's first jt call paid for
+    importing torch: about 3 of the 3.8 s of a warm-cache first lowering on the H100
+    (WORKSPACE_NOTES.md, "First call: the torch import").
+    Started once with that import refused, it takes ~0.1 s. A process that has imported
+    torch already skips this; an `import torch` in another thread during that 0.1 s
+    would fail."""
+    if "torch" in sys.modules:
+        return
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:  # a Triton without it: nothing imports torch there
+        return
+    refuse = _RefuseTorch()
+    sys.meta_path.insert(0, refuse)
+    try:
+        native_specialize_impl(None, 1, False, True, True)
+    except Exception as error:  # noqa: BLE001 - a Triton whose start differs: it imports later
+        logger.debug("jt_attention: Triton's specializer did not start without torch: %s", error)
+    finally:
+        sys.meta_path.remove(refuse)
+
+
 def _run_launches(launches, buffers, problem):
     """Launches each kernel in turn; `buffers` (name -> array) gains their outputs."""
     import jax_triton
 
     compile_cache.install()
+    _specializer_without_torch()
     previous = ()
     for launch in launches:
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.footprint,

@@ -1,6 +1,11 @@
-"""The on-disk compile cache, with a stand-in for jax-triton's compile (no GPU needed)."""
+"""What keeps a first call short: the on-disk compile cache, with a stand-in for
+jax-triton's compile (no GPU needed), and Triton's specializer started without torch."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 from jt_attention import compile_cache
 
@@ -71,3 +76,38 @@ def test_environment_turns_it_off_or_moves_it(monkeypatch, tmp_path):
     assert compile_cache.cache_dir() is None
     monkeypatch.setenv(compile_cache.ENVIRONMENT_VARIABLE, str(tmp_path))
     assert compile_cache.cache_dir() == tmp_path
+
+
+SPECIALIZE_IN_A_FRESH_PROCESS = textwrap.dedent("""
+    import sys, types
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend, GPUTarget
+    from jt_attention import launch
+
+    launch._specializer_without_torch()
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    def pointer(address, dtype):  # what jax-triton passes for an array argument
+        return types.SimpleNamespace(data_ptr=lambda: address, dtype=dtype)
+    got = [native_specialize_impl(backend, pointer(16, "fp16"), False, True, True),
+           native_specialize_impl(backend, pointer(8, "bf16"), False, True, True),
+           native_specialize_impl(backend, 48, False, True, True)]
+    assert "torch" not in sys.modules, "torch was imported"
+    import torch
+    got.append(native_specialize_impl(backend, torch.zeros(8, dtype=torch.float16), False,
+                                      True, True))
+    print(repr(got))
+""")
+
+
+def test_specializer_starts_without_importing_torch():
+    """jax-triton's lowering calls Triton's specializer, whose first call imports torch
+    (seconds) in Triton 3.6; started by jt it must not, and must still tell pointers,
+    alignments and torch tensors apart. (Triton 3.9's specializer imports no torch
+    itself, so there only the second half can fail; on the GPU machine's 3.6 both.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SPECIALIZE_IN_A_FRESH_PROCESS], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = eval(result.stdout.strip().splitlines()[-1])
+    assert got[:3] == [("*fp16", "D"), ("*bf16", ""), ("i32", "D")]
+    assert got[3][0] == "*fp16"
