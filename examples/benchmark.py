@@ -79,7 +79,9 @@ flags.DEFINE_list("impls", IMPLS[:-1] if ON_GPU else ["jt", "xla", "unfused"],
                   f"implementations, of {IMPLS}")
 flags.DEFINE_enum("preset", None, ["forward", "large_heads", "common_heads", "training", "decode",
                                    "features"], "run a list of shapes instead of one")
-flags.DEFINE_enum("bias", None, ["heads", "full", "keys"], "add a float32 bias of this shape")
+flags.DEFINE_enum("bias", None, ["heads", "full", "keys"], "add a bias of this shape")
+flags.DEFINE_enum("bias_dtype", "float32", ["float32", "input"],
+                  "the bias's dtype: float32, or the inputs' dtype")
 flags.DEFINE_enum("mask", None, ["causal", "random"], "add a dense boolean mask")
 flags.DEFINE_enum("kv_lengths", None, ["half"], "pad half of each row's keys")
 flags.DEFINE_list("window", None, "local_window_size as left,right")
@@ -156,14 +158,16 @@ FEATURE_PRESET = [
 FLOPS_PER_MODE = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # in forward FLOPs
 
 
-def feature_arrays(features, batch, heads, q_len, kv_len, key):
+def feature_arrays(features, batch, heads, q_len, kv_len, key, dtype):
     """The arrays and options of a feature spec (the --bias .. --segments flags): a dict of
-    jt_attention.dot_product_attention keywords."""
+    jt_attention.dot_product_attention keywords. A bias is float32 unless the spec's
+    bias_dtype is "input" (then `dtype`, the inputs')."""
     kwargs = {}
     if features.get("bias"):
         shape = {"heads": (1, heads, q_len, kv_len), "full": (batch, heads, q_len, kv_len),
                  "keys": (batch, 1, 1, kv_len)}[features["bias"]]
-        kwargs["bias"] = jax.random.normal(key, shape, jnp.float32)
+        bias_dtype = dtype if features.get("bias_dtype") == "input" else jnp.float32
+        kwargs["bias"] = jax.random.normal(key, shape, bias_dtype)
     if features.get("mask") == "causal":
         kwargs["mask"] = jnp.tril(jnp.ones((q_len, kv_len), bool))[None, None]
     elif features.get("mask") == "random":
@@ -379,7 +383,7 @@ def benchmark_shape(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, caus
     k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
     v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
     dout = jax.random.normal(keys[3], q.shape, dtype)
-    kwargs = feature_arrays(features, batch, heads, q_len, kv_len, keys[4])
+    kwargs = feature_arrays(features, batch, heads, q_len, kv_len, keys[4], dtype)
     shape = dict(batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len,
                  head_dim=head_dim, dtype=str(np.dtype(dtype)), causal=causal,
                  features=_feature_label(features), mode=mode, gpu=jax.devices()[0].device_kind)
@@ -507,7 +511,9 @@ def plot(rows, path):
 
 
 def _flag_features():
-    flags_given = dict(bias=FLAGS.bias, mask=FLAGS.mask, kv_lengths=FLAGS.kv_lengths,
+    bias_dtype = FLAGS.bias_dtype if FLAGS.bias and FLAGS.bias_dtype != "float32" else None
+    flags_given = dict(bias=FLAGS.bias, bias_dtype=bias_dtype, mask=FLAGS.mask,
+                       kv_lengths=FLAGS.kv_lengths,
                        window=FLAGS.window, soft_cap=FLAGS.soft_cap, segments=FLAGS.segments,
                        dropout=FLAGS.dropout)
     return {k: v for k, v in flags_given.items() if v}
