@@ -74,6 +74,20 @@ def test_benchmark_rejects_unknown_impls_at_once():
     assert result.returncode != 0 and "--impls: unknown ['foo']" in result.stderr
 
 
+def test_first_call_times_new_and_second_processes():
+    """jt in two fresh processes (an empty compile cache, then the one the first filled) and
+    a peer in one; each line a first-call time, none failed."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "first_call.py"), "--batch=1", "--num_heads=2",
+         "--q_len=40", "--head_dim=32", "--dtype=float32", "--impls=jt,xla",
+         "--mode=fwd_bwd"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    for name in ("jt (new shape)", "jt (second process)", "xla"):
+        line = next(line for line in lines if line.startswith(name + " "))
+        assert "first call" in line and "failed" not in line, result.stdout
+
+
 def test_info_names_the_kernels():
     result = subprocess.run([sys.executable, "-m", "jt_attention.info",
                              "--shape=1,1,4096,32,8,128"], capture_output=True, text=True,
