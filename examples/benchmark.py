@@ -24,7 +24,8 @@ Implementations (--impls):
               scale, so its time includes scaling q
 
 Features (each peer gets the same where it supports it, else it records the reason):
-  --bias heads|full|keys   a float32 bias of shape [1, H, Sq, Sk], [B, H, Sq, Sk] or [B, 1, 1, Sk]
+  --bias heads|full|keys   a bias of shape [1, H, Sq, Sk], [B, H, Sq, Sk] or [B, 1, 1, Sk]:
+                           float32, or the inputs' dtype with --bias_dtype input
   --mask causal|random     a dense boolean mask [1, 1, Sq, Sk] (lower triangle) or [B, 1, Sq, Sk]
   --kv_lengths half        key_value_seq_lengths: half of each row's keys are padding
   --window L,R             local_window_size
