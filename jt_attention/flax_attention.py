@@ -14,7 +14,8 @@ the kernels: `dropout_rng`, `dropout_rate`, `deterministic`, `broadcast_dropout`
 `dtype` (the inputs are promoted to it, as Flax does), `precision` and
 `force_fp32_for_softmax` (accepted: the kernels accumulate in fp32 and take the
 softmax in fp32 whatever they say), `module` (sow_weights: the softmax weights come
-from jt_attention.reference.attention_weights, beside the kernels, logged once) and
+from jt_attention.reference.attention_weights, beside the kernels, logged once; sown in
+float32 under force_fp32_for_softmax, else in the inputs' dtype, as Flax sows them) and
 nnx's `is_causal`. AQT's quantized einsums (`qk_attn_weights_einsum`,
 `attn_weights_value_einsum`) raise NotImplementedError.
 
@@ -56,7 +57,7 @@ def make_attention_fn(*, is_causal=False, local_window_size=None, logits_soft_ca
                      qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
                      is_causal=False):
         """Signature of Flax's dot_product_attention; [batch..., seq, heads, dim] inputs."""
-        del precision, force_fp32_for_softmax  # the kernels: fp32 accumulation and softmax
+        del precision  # the kernels accumulate in fp32 and take the softmax in fp32
         for name, einsum in (("qk_attn_weights_einsum", qk_attn_weights_einsum),
                              ("attn_weights_value_einsum", attn_weights_value_einsum)):
             if einsum is not None:
@@ -68,7 +69,9 @@ def make_attention_fn(*, is_causal=False, local_window_size=None, logits_soft_ca
         self_attention = query.shape[-3] == key.shape[-3]
         causal = (causal_adapter and self_attention) or is_causal
         if module is not None:
-            _sow_weights(module, query, key, bias, mask, causal, options)
+            # Flax sows float32 weights under force_fp32_for_softmax, else the inputs' dtype
+            weights_dtype = jnp.float32 if force_fp32_for_softmax else query.dtype
+            _sow_weights(module, query, key, bias, mask, causal, options, weights_dtype)
         dropout = {} if deterministic or not dropout_rate else dict(
             dropout_rate=dropout_rate, dropout_rng=dropout_rng,
             broadcast_dropout=broadcast_dropout)
@@ -88,9 +91,9 @@ def _promoted(query, key, value, dtype):
     return tuple(x.astype(dtype) for x in (query, key, value))
 
 
-def _sow_weights(module, query, key, bias, mask, is_causal, options):
-    """module.sow of the softmax weights [batch..., heads, q_len, kv_len], as Flax's own
-    attention sows them (before dropout)."""
+def _sow_weights(module, query, key, bias, mask, is_causal, options, dtype):
+    """module.sow of the softmax weights [batch..., heads, q_len, kv_len] in `dtype`, as
+    Flax's own attention sows them (before dropout)."""
     log_once("jt_attention: sow_weights computes the attention weights with the XLA "
              "reference (a [batch, heads, q_len, kv_len] array), beside the kernels")
     batch_shape = query.shape[:-3]
@@ -100,7 +103,7 @@ def _sow_weights(module, query, key, bias, mask, is_causal, options):
         _folded_operand(mask, batch_shape), is_causal=is_causal,
         local_window_size=options["local_window_size"],
         logits_soft_cap=options["logits_soft_cap"])
-    weights = weights.reshape(*batch_shape, *weights.shape[1:]).astype(query.dtype)
+    weights = weights.reshape(*batch_shape, *weights.shape[1:]).astype(dtype)
     try:
         from flax import nnx
         collection = nnx.Intermediate if isinstance(module, nnx.Module) else "intermediates"

@@ -75,13 +75,17 @@ def _grouped_weights(query, key, bias, mask, scale, is_causal, query_seq_lengths
         key_value_seq_lengths, local_window_size, query_segment_ids, key_value_segment_ids),
         num_kv_heads, group)
     visible = jnp.broadcast_to(visible, logits.shape)
-    row_max = jax.lax.stop_gradient(jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    # No -inf literal anywhere: under jax.debug_infs it would raise even where no row is
+    # fully masked. Hidden logits are filled with the lowest finite value instead.
+    hidden = jnp.finfo(dtype).min
+    row_max = jax.lax.stop_gradient(jnp.max(jnp.where(visible, logits, hidden), axis=-1))
+    row_max = jnp.where(jnp.any(visible, axis=-1) & jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.where(visible, jnp.exp(logits - row_max[..., None]), 0.0)
     row_sum = jnp.sum(probs, axis=-1)
     seen = row_sum > 0
     safe_sum = jnp.where(seen, row_sum, 1.0)  # the double where keeps gradients NaN-free
-    lse = jnp.where(seen, jnp.log(safe_sum) + row_max, -jnp.inf)
+    # log(0) = -inf for the rows that see no key, with no gradient through it
+    lse = jnp.where(seen, jnp.log(safe_sum) + row_max, jax.lax.stop_gradient(jnp.log(row_sum)))
     return probs / safe_sum[..., None], lse
 
 

@@ -129,6 +129,25 @@ def test_xla_reference_matches_float64(dtype, causal):
                                atol=1e-3)
 
 
+def test_xla_reference_runs_under_debug_infs():
+    """A mask that hides keys but leaves every row something to see puts no inf anywhere
+    (jax.debug_infs checks each operation when not under jit); a row that sees nothing
+    gets 0 and, only then, a logsumexp of -inf."""
+    q = np.zeros((5, 6, 11), np.float32)
+    kv = np.zeros((7, 3, 11), np.float32)
+    with jax.debug_infs(True):
+        out = jt_attention.dot_product_attention(q, kv, kv, mask=np.arange(7) <= 3,
+                                                 implementation="xla")
+    assert np.isfinite(np.asarray(out)).all()
+    sees = np.array([True, False, True, True, False])  # q is [q_len 5, heads 6, head_dim]
+    out, lse = jt_attention.dot_product_attention(
+        q + 1, kv + 1, kv + 1, mask=np.broadcast_to(sees[:, None], (5, 7)),
+        implementation="xla", return_residual=True)
+    hidden_rows = np.broadcast_to(~sees[:, None], (5, 6))  # lse is [q_len, heads]
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), hidden_rows)
+    np.testing.assert_array_equal(np.asarray(out)[~sees], 0.0)
+
+
 def test_default_implementation_without_gpu_is_xla_and_logged(caplog):
     if any(getattr(d, "compute_capability", None) for d in jax.devices()):
         pytest.skip("this machine has a CUDA GPU: the default is the Triton kernels")

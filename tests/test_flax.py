@@ -297,6 +297,26 @@ def test_linen_sow_weights_match_flax_default():
     assert "intermediates" not in state
 
 
+@pytest.mark.parametrize("force_fp32", [False, True])
+def test_linen_sow_weights_dtype_follows_flax(force_fp32):
+    """A bf16 module sows float32 weights under force_fp32_for_softmax and bf16 ones
+    otherwise, as Flax's own attention does."""
+    x = normal((2, 5, 8), seed=12)
+    attention = dict(num_heads=2, qkv_features=8, dtype=jnp.bfloat16,
+                     force_fp32_for_softmax=force_fp32)
+    variables = linen_init(_ThreeLayers(attention), x)
+    kwargs = dict(sow_weights=True, mutable=["intermediates"])
+    _, want = linen_apply(_ThreeLayers(attention), variables, x, **kwargs)
+    _, got = linen_apply(_ThreeLayers(dict(attention, attention_fn=jt())), variables, x,
+                         **kwargs)
+    name = "MultiHeadDotProductAttention_0"
+    (weights,), (flax_weights,) = (got["intermediates"][name]["attention_weights"],
+                                   want["intermediates"][name]["attention_weights"])
+    assert weights.dtype == flax_weights.dtype == (jnp.float32 if force_fp32 else jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(weights, np.float32),
+                               np.asarray(flax_weights, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_linen_sow_weights_several_batch_dims():
     """Sown weights with two batch dims: [2, 3, heads, q_len, kv_len], as Flax's."""
     x = normal((2, 3, 5, 8), seed=12)

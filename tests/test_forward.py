@@ -155,3 +155,24 @@ def test_sweep_on_gpu(head_dim, dtype, causal, seq_q, seq_k):
     out = jt_attention.dot_product_attention(q, k, v, is_causal=causal, implementation=IMPL)
     ref, _ = attention_float64(q, k, v, 1 / np.sqrt(head_dim), causal)
     assert relative_error(out, ref) < TOLERANCE[dtype], f"{seed=}"
+
+
+def test_interpreter_rounds_bf16_to_nearest_even():
+    """The interpreter's fp32 -> bf16 cast, as patched by interpret.py, rounds as the GPU
+    does (ties to even, overflow to inf, NaN kept); Triton's own truncates."""
+    from triton.runtime import interpreter
+    import triton.language as tl
+
+    interpret._round_bf16_casts()
+    rng = np.random.default_rng()
+    bits = np.concatenate([
+        rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32),
+        np.array([0x3F808000, 0x3F818000, 0x3F80_7FFF, 0x7F7FFFFF, 0x00008000, 0x80018000,
+                  0x7F800000, 0xFF800000], np.uint32)])  # ties both ways, max, subnormals, infs
+    values = bits.view(np.float32)
+    handle = interpreter.TensorHandle(values, tl.float32)
+    got = interpreter.interpreter_builder.create_fp_trunc(handle, tl.bfloat16).data
+    numbers = ~np.isnan(values)
+    want = values[numbers].astype(jax.numpy.bfloat16).view(np.uint16)  # ml_dtypes: RNE
+    np.testing.assert_array_equal(got[numbers], want)
+    assert np.isnan(got[~numbers].view(jax.numpy.bfloat16).astype(np.float32)).all()
