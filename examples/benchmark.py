@@ -143,6 +143,7 @@ FEATURE_PRESET = [
     *[row for b, d in ((8, 128), (4, 1024)) for row in (
         (b, 16, 2048, 2048, d, False, {}),
         (b, 16, 2048, 2048, d, False, {"bias": "heads"}),
+        (b, 16, 2048, 2048, d, False, {"bias": "heads", "bias_dtype": "input"}),
         (b, 16, 2048, 2048, d, False, {"soft_cap": 30.0}),
         (b, 16, 2048, 2048, d, False, {"dropout": 0.1}),
         (b, 16, 2048, 2048, d, False, {"kv_lengths": "half"}),
