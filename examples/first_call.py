@@ -27,7 +27,7 @@ from absl import app, flags
 # The parent only looks for a GPU; left to JAX's default it would hold 75% of the GPU's
 # memory while the children run. The children get the environment as it was.
 CHILD_ENV = dict(os.environ)
-if "--child" not in " ".join(sys.argv):
+if not any(arg.startswith("--child") for arg in sys.argv[1:]):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
