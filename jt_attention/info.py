@@ -50,8 +50,8 @@ def _describe_plan(problem, compute_capability, num_sms):
     for stage, stage_launches in launches.items():
         print(f"{stage}:")
         for launch in stage_launches:
-            configs = tuning.fitting_configs(launch.kernel, compute_capability,
-                                             problem.footprint, launch.has_persistent_grid)
+            configs = tuning.candidate_configs(launch.kernel, compute_capability,
+                                               problem.footprint, launch.has_persistent_grid)
             print(f"  {launch.kernel.fn.__name__}: "
                   + "; ".join(map(_config_text, configs)))
 

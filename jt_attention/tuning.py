@@ -10,10 +10,13 @@ operands, say); 99 KB parts try only `small_parts`. `tests/test_compile.py` comp
 every kept config for sm_89 and sm_90 and checks the estimate below against the
 compiler's figure.
 
-jax-triton benchmarks the kept configs at the first execution of each jit lowering
-and keeps the fastest; the autotune `key` plays no part there.
-JT_ATTENTION_AUTOTUNE=0 in the environment skips that: each launch takes its first
-fitting config (a faster first call, for tests and short jobs).
+Of the kept configs, a launch times those that won on the H100 for its shape class
+(head-dim tile, and whether blocks are skipped: `tried_for` on each config), or all kept
+ones where none of those fits (candidate_configs). jax-triton benchmarks them at the first
+execution of each jit lowering and keeps the fastest; the autotune `key` plays no part
+there. JT_ATTENTION_AUTOTUNE=all in the environment times every kept config;
+JT_ATTENTION_AUTOTUNE=0 times none: each launch takes its first candidate (a faster
+first call, for tests and short jobs).
 """
 
 import os
@@ -78,16 +81,35 @@ def shared_memory_limit(compute_capability):
     return SHARED_MEMORY_BYTES.get(compute_capability, SMALLEST_SHARED_MEMORY_BYTES)
 
 
-def _config(num_warps, num_stages, **blocks):
-    return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
+def _config(num_warps, num_stages, tried_for=None, **blocks):
+    """A config; `tried_for`: the shape classes (shape_class) it is timed for
+    (candidate_configs), those it won on the H100; None: wherever it fits."""
+    config = triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
+    config.tried_for = tried_for
+    return config
+
+
+def _classes(*block_ds, masked=(False, True)):
+    """Shape classes: these head-dim tiles, with and/or without skipped blocks."""
+    return frozenset((block_d, m) for block_d in block_ds for m in masked)
+
+
+def shape_class(footprint):
+    """(head-dim tile, whether blocks are skipped): what the H100 winners were sorted by.
+    Tiles under 64 count as 64."""
+    return max(footprint.block_d, 64), footprint.masked
 
 
 # Comments name the shapes each H100 config wins (WORKSPACE_NOTES.md, "Autotuning").
 FLASH = dict(
-    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=128),   # head dim 128, non-causal
-          _config(4, 3, BLOCK_M=64, BLOCK_N=64),     # head dim 64; causal 128 at S=8192
-          _config(8, 2, BLOCK_M=128, BLOCK_N=64),    # head dim 256
-          _config(8, 3, BLOCK_M=128, BLOCK_N=64)],   # causal 128 at S=2048; 64 at S=8192
+    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=128,   # head dim 128, non-causal
+                  tried_for=_classes(128, masked=[False])),
+          _config(4, 3, BLOCK_M=64, BLOCK_N=64,     # head dim 64; causal 128 at S=8192
+                  tried_for=_classes(64, 256) | _classes(128, masked=[True])),
+          _config(8, 2, BLOCK_M=128, BLOCK_N=64,    # head dim 256
+                  tried_for=_classes(256)),
+          _config(8, 3, BLOCK_M=128, BLOCK_N=64,    # causal 128 at S=2048; 64 at S=8192;
+                  tried_for=_classes(64, 128))],          # runner-up at 128 non-causal
     small_parts=[_config(8, 2, BLOCK_M=128, BLOCK_N=64),   # head dim <= 128
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32),    # 512-byte rows (256 fp16, 128 fp32)
                  _config(4, 2, BLOCK_M=32, BLOCK_N=32)],   # the same with a bias and a mask
@@ -170,23 +192,29 @@ def _weighted_values_shared_bytes(config, block_d, itemsize):
 
 
 OUTPUT_GRAD_DOT = dict(  # memory-bound
-    h100=[_config(4, 1, BLOCK_M=32, BLOCK_D=128),   # seed; head dims 128, 256, 512
-          _config(4, 1, BLOCK_M=64, BLOCK_D=64)],   # head dim 64
+    h100=[_config(4, 1, BLOCK_M=32, BLOCK_D=128,    # seed; head dims 128, 256, 512
+                  tried_for=_classes(128, 256, 512, 1024)),
+          _config(4, 1, BLOCK_M=64, BLOCK_D=64, tried_for=_classes(64))],   # head dim 64
     small_parts=[_config(4, 1, BLOCK_M=32, BLOCK_D=128), _config(4, 1, BLOCK_M=64, BLOCK_D=64)],
 )
 # Backward, head dim <= 256. Key grads hold K, V, dK, dV for BLOCK_N keys and stream
 # BLOCK_M queries; query grads hold Q, dO, dQ for BLOCK_M queries and stream keys.
 FLASH_KEY_GRADS = dict(
-    h100=[_config(4, 2, BLOCK_M=64, BLOCK_N=64),    # head dim 128
-          _config(8, 3, BLOCK_M=64, BLOCK_N=128),   # head dim 128 causal
-          _config(8, 2, BLOCK_M=64, BLOCK_N=64),    # head dim 256
-          _config(4, 3, BLOCK_M=32, BLOCK_N=64)],   # head dim 64
+    # Head dim 64 times every config here and in query grads: its winner moves with the
+    # shape (bf16 B8 S2048 forward + backward: 1.371 ms with M32 N64 alone, 1.261 with all).
+    h100=[_config(4, 2, BLOCK_M=64, BLOCK_N=64,     # head dim 128
+                  tried_for=_classes(64) | _classes(128, masked=[False])),
+          _config(8, 3, BLOCK_M=64, BLOCK_N=128,    # head dim 128 causal
+                  tried_for=_classes(64) | _classes(128, masked=[True])),
+          _config(8, 2, BLOCK_M=64, BLOCK_N=64, tried_for=_classes(64, 256)),   # head dim 256
+          _config(4, 3, BLOCK_M=32, BLOCK_N=64, tried_for=_classes(64))],       # head dim 64
     small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=64),
                  _config(4, 2, BLOCK_M=16, BLOCK_N=32)],   # head dim 256, fp32
 )
 FLASH_QUERY_GRADS = dict(
-    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=64),   # head dims 64 and 128, causal or not
-          _config(4, 2, BLOCK_M=64, BLOCK_N=64)],   # head dim 256
+    h100=[_config(8, 3, BLOCK_M=128, BLOCK_N=64,    # head dims 64 and 128, causal or not
+                  tried_for=_classes(64, 128)),
+          _config(4, 2, BLOCK_M=64, BLOCK_N=64, tried_for=_classes(64, 256))],   # head dim 256
     small_parts=[_config(4, 2, BLOCK_M=64, BLOCK_N=32),    # head dim <= 128
                  _config(4, 2, BLOCK_M=32, BLOCK_N=32),    # head dim 256, fp32
                  _config(4, 2, BLOCK_M=16, BLOCK_N=32)],   # the same with a bias and a mask
@@ -389,16 +417,31 @@ def fitting_configs(kernel, compute_capability, footprint, persistent_grid=False
     return kept
 
 
+def candidate_configs(kernel, compute_capability, footprint, persistent_grid=False):
+    """The fitting configs (fitting_configs) that autotuning times for this launch: those
+    that won on the H100 for its shape class (shape_class), or every fitting one where
+    none of those fits (a bias's tiles, say) or JT_ATTENTION_AUTOTUNE=all is set.
+
+    Each config costs its compile and its timing at a new shape's first call (about 0.3-0.5
+    s on the H100 machine), so timing only a class's winners halves that cost."""
+    fitting = fitting_configs(kernel, compute_capability, footprint, persistent_grid)
+    if os.environ.get("JT_ATTENTION_AUTOTUNE") == "all":
+        return fitting
+    key = shape_class(footprint)
+    tried = [c for c in fitting if getattr(c, "tried_for", None) is None or key in c.tried_for]
+    return tried or fitting
+
+
 def autotuned(kernel, compute_capability, footprint, persistent_grid=False):
-    """`kernel` wrapped in `triton.autotune` over its configs that fit the device
-    (fitting_configs).
+    """`kernel` wrapped in `triton.autotune` over its candidate configs
+    (candidate_configs).
 
     A fresh wrapper per trace, on purpose: jax-triton chains a new prune hook onto the
     Autotuner at every lowering, so a shared one would grow with every new shape.
     Compiled kernels are cached by jax-triton per JITFunction, so nothing recompiles."""
-    configs = fitting_configs(kernel, compute_capability, footprint, persistent_grid)
-    if os.environ.get("JT_ATTENTION_AUTOTUNE", "1") == "0":
-        configs = configs[:1]  # no benchmarking at the first call: the first fitting config
+    configs = candidate_configs(kernel, compute_capability, footprint, persistent_grid)
+    if os.environ.get("JT_ATTENTION_AUTOTUNE") == "0":
+        configs = configs[:1]  # no benchmarking at the first call: the first candidate
     # The chunk's first head is the one scalar argument; jax-triton warns unless it is a key.
     key = [name for name in ("head_start",) if name in kernel.arg_names]
     return triton.autotune(configs=configs, key=key)(kernel)

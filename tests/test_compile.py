@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from jt_attention import plan, tuning
+from jt_attention.kernels import flash_backward, flash_forward
 from compile_check import every_feature
 from helpers import every_launch
 
@@ -108,6 +109,44 @@ def test_every_config_is_kept_somewhere():
                 launch.kernel, cc, problem.footprint, launch.has_persistent_grid)))
     for kernel, kernel_tuning in tuning.KERNEL_TUNING.items():
         assert kept[kernel] == set(map(str, kernel_tuning.configs)), kernel.fn.__name__
+
+
+def _flash_problem(head_dim, is_causal=False):
+    return plan.Problem(8, 2048, 2048, 16, 16, head_dim, "bfloat16", 0.1, is_causal)
+
+
+def test_candidates_are_the_class_winners(monkeypatch):
+    """A launch times the configs that won for its shape class, a subset of those that fit."""
+    monkeypatch.delenv("JT_ATTENTION_AUTOTUNE", raising=False)
+    for head_dim, is_causal in itertools.product((32, 64, 128, 256), (False, True)):
+        problem = _flash_problem(head_dim, is_causal)
+        for launch in every_launch(problem, num_sms=132):
+            fitting = tuning.fitting_configs(launch.kernel, "9.0", problem.footprint)
+            candidates = tuning.candidate_configs(launch.kernel, "9.0", problem.footprint)
+            assert candidates and all(c in fitting for c in candidates)
+            assert all(tuning.shape_class(problem.footprint) in c.tried_for for c in candidates)
+    # Head dim 128, non-causal, forward + backward: 4 configs compiled and timed, not 10.
+    problem = _flash_problem(128)
+    launches = [*plan.forward_plan(problem, True, num_sms=132), *plan.backward_plan(problem, 132)]
+    count = lambda select: sum(len(select(l.kernel, "9.0", problem.footprint)) for l in launches)
+    assert (count(tuning.candidate_configs), count(tuning.fitting_configs)) == (4, 10)
+
+
+def test_candidates_fall_back_to_every_fitting_config(monkeypatch):
+    monkeypatch.delenv("JT_ATTENTION_AUTOTUNE", raising=False)
+    # Every feature's tiles rule out the key grads' class winner: every fitting config is timed.
+    key_grads = flash_backward._flash_key_grads_kernel
+    footprint = every_feature(_flash_problem(128, is_causal=True)).footprint
+    fitting = tuning.fitting_configs(key_grads, "9.0", footprint)
+    assert len(fitting) > 1
+    assert tuning.candidate_configs(key_grads, "9.0", footprint) == fitting
+    # JT_ATTENTION_AUTOTUNE=all times every fitting config.
+    forward = flash_forward._flash_forward_kernel
+    footprint = _flash_problem(128).footprint
+    assert len(tuning.candidate_configs(forward, "9.0", footprint)) == 2
+    monkeypatch.setenv("JT_ATTENTION_AUTOTUNE", "all")
+    assert tuning.candidate_configs(forward, "9.0", footprint) == tuning.fitting_configs(
+        forward, "9.0", footprint)
 
 
 def test_min_block_rows_bounds_every_config():

@@ -71,6 +71,77 @@ def test_damaged_entry_is_compiled_again(tmp_path):
     assert len(calls) == 2
 
 
+@dataclasses.dataclass
+class FakeKernel:  # the arguments of jaxlib's TritonKernel
+    name: str
+    num_warps: int
+    num_ctas: int
+    shared_mem_bytes: int
+    ptx: str
+    ttir: str
+    compute_capability: int
+
+
+@dataclasses.dataclass
+class FakeFunction:  # a JITFunction: its cache_key hashes its source and dependencies
+    cache_key: str
+
+
+def _one_process(tmp_path, builds, compiles, versions=("v",)):
+    """jax-triton 0.3's get_or_create_triton_kernel as a new process sees it, cached."""
+    compile_ttir = compile_cache.cached(_counting_compile(compiles), FakeResult, tmp_path,
+                                        versions)
+
+    def get_or_create(backend_init_func, platform, fn, arg_dtypes, scalar_args, *, num_warps,
+                      num_stages, num_ctas, compute_capability, enable_fp_fusion, metaparams,
+                      dump):
+        ttir = f"ttir of {fn.cache_key} {arg_dtypes} {scalar_args} {metaparams}"  # front end
+        builds.append(ttir)
+        result = compile_ttir(ttir, None, f"warps={num_warps}", 90, platform)
+        kernel = FakeKernel(result.name, num_warps, num_ctas, result.shared_mem_bytes,
+                            result.binary, ttir, 90)
+        return kernel, {(0,): [["tt.divisibility", 16]], (1,): []}
+
+    return compile_cache.cached_kernels(get_or_create, FakeKernel, tmp_path, versions)
+
+
+def _build(get_or_create, source="kernel v1", metaparams=(("BLOCK_M", 64),), scalar=48):
+    return get_or_create(None, "cuda", FakeFunction(source), ["*bf16", "i32"],
+                         [(1, "i32", scalar)], num_warps=4, num_stages=3, num_ctas=1,
+                         compute_capability=None, enable_fp_fusion=True,
+                         metaparams=dict(metaparams), dump=False)
+
+
+def test_second_process_skips_the_front_end(tmp_path):
+    builds, compiles = [], []
+    want = _build(_one_process(tmp_path, builds, compiles))
+    second = _one_process(tmp_path, builds, compiles)
+    assert _build(second) == want
+    assert _build(second) == want  # and from memory after that
+    assert len(builds) == len(compiles) == 1
+    assert want[0].compute_capability == 90 and want[1][(0,)] == [["tt.divisibility", 16]]
+
+
+def test_kernel_key_covers_source_arguments_and_versions(tmp_path):
+    builds, compiles = [], []
+    _build(_one_process(tmp_path, builds, compiles))
+    get_or_create = _one_process(tmp_path, builds, compiles)
+    _build(get_or_create, source="kernel v2")          # the source (or a helper) changed
+    _build(get_or_create, metaparams=(("BLOCK_M", 128),))
+    _build(get_or_create, scalar=49)                    # specialization: not a multiple of 16
+    _build(_one_process(tmp_path, builds, compiles, versions=("w",)))
+    assert len(builds) == 5
+
+
+def test_damaged_kernel_entry_is_built_again(tmp_path):
+    builds, compiles = [], []
+    want = _build(_one_process(tmp_path, builds, compiles))
+    for entry in tmp_path.glob("kernel-*.json"):
+        entry.write_text('{"key": "x", "fields": {}}')
+    assert _build(_one_process(tmp_path, builds, compiles)) == want
+    assert len(builds) == 2 and len(compiles) == 1  # the PTX still came from its own entry
+
+
 def test_environment_turns_it_off_or_moves_it(monkeypatch, tmp_path):
     monkeypatch.setenv(compile_cache.ENVIRONMENT_VARIABLE, "0")
     assert compile_cache.cache_dir() is None
