@@ -109,7 +109,7 @@ FLASH = dict(
           _config(8, 2, BLOCK_M=128, BLOCK_N=64,    # head dim 256
                   tried_for=_classes(256)),
           _config(8, 3, BLOCK_M=128, BLOCK_N=64,    # causal 128 at S=2048; 64 at S=8192;
-                  tried_for=_classes(64, 128))],          # runner-up at 128 non-causal
+                  tried_for=_classes(64, 128))],    # runner-up at 128 non-causal
     small_parts=[_config(8, 2, BLOCK_M=128, BLOCK_N=64),   # head dim <= 128
                  _config(4, 2, BLOCK_M=64, BLOCK_N=32),    # 512-byte rows (256 fp16, 128 fp32)
                  _config(4, 2, BLOCK_M=32, BLOCK_N=32)],   # the same with a bias and a mask
@@ -422,8 +422,10 @@ def candidate_configs(kernel, compute_capability, footprint, persistent_grid=Fal
     that won on the H100 for its shape class (shape_class), or every fitting one where
     none of those fits (a bias's tiles, say) or JT_ATTENTION_AUTOTUNE=all is set.
 
-    Each config costs its compile and its timing at a new shape's first call (about 0.3-0.5
-    s on the H100 machine), so timing only a class's winners halves that cost."""
+    Each config costs a new shape's first call its front end, compile, ptxas and timing
+    runs (about half a second on the H100 machine): timing a class's winners only took
+    the training step's first call at head dim 128 from 5.4 to 2.5 s (WORKSPACE_NOTES.md,
+    "First call: candidates by shape class")."""
     fitting = fitting_configs(kernel, compute_capability, footprint, persistent_grid)
     if os.environ.get("JT_ATTENTION_AUTOTUNE") == "all":
         return fitting

@@ -142,6 +142,20 @@ def test_damaged_kernel_entry_is_built_again(tmp_path):
     assert len(builds) == 2 and len(compiles) == 1  # the PTX still came from its own entry
 
 
+def test_kernel_cache_only_wraps_jax_triton_03():
+    """0.4 builds kernels elsewhere (a method of its kernel class): only compiles are kept."""
+    def get_or_create_03(backend_init_func, platform, fn, arg_dtypes, scalar_args, *,
+                         num_warps, num_stages, num_ctas, compute_capability,
+                         enable_fp_fusion, metaparams, dump):
+        pass
+
+    def some_other(fn, signature, options):
+        pass
+
+    assert compile_cache._takes_jax_triton_03_arguments(get_or_create_03)
+    assert not compile_cache._takes_jax_triton_03_arguments(some_other)
+
+
 def test_environment_turns_it_off_or_moves_it(monkeypatch, tmp_path):
     monkeypatch.setenv(compile_cache.ENVIRONMENT_VARIABLE, "0")
     assert compile_cache.cache_dir() is None
