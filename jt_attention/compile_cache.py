@@ -190,13 +190,14 @@ def install():
         logger.warning("jt_attention: this jax-triton has no compile_ttir_inplace; "
                        "kernels are compiled in every process")
         return
+    versions = _versions()
     triton_lib.compile_ttir_inplace = cached(compile_ttir, triton_lib.CompilationResult,
-                                             directory, _versions())
+                                             directory, versions)
     get_or_create = getattr(triton_lib, "get_or_create_triton_kernel", None)
     if get_or_create is not None and _takes_jax_triton_03_arguments(get_or_create):
         triton_lib.get_or_create_triton_kernel = cached_kernels(
             get_or_create, triton_lib.triton_kernel_call_lib.TritonKernel, directory,
-            _versions())
+            versions)
     logger.info("jt_attention: compiled kernels are cached in %s (%s=0 turns it off)",
                 directory, ENVIRONMENT_VARIABLE)
 
