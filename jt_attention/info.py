@@ -88,15 +88,15 @@ def _describe_tma(problem):
               "multiple of 16 bytes)")
         return False
     if not _has_cuda_gpu():
-        print("memory access: pointer loads here; on an H100 with jax-triton >= 0.4 "
-              "(Triton >= 3.7), TMA tensor descriptors")
+        print("memory access: pointer loads here; TMA tensor descriptors on an H100 with "
+              "jax-triton >= 0.4 (Triton >= 3.7) and JT_ATTENTION_TMA=1")
         return False
     from jt_attention import launch
 
     supported = launch.tma_supported()
     print("memory access: " + ("TMA tensor descriptors (sm_90, jax-triton >= 0.4)" if supported
-                               else "pointer loads (TMA needs sm_90 and jax-triton >= 0.4, "
-                               "and JT_ATTENTION_TMA not 0)"))
+                               else "pointer loads (TMA, opt-in and no faster so far, needs "
+                               "JT_ATTENTION_TMA=1, sm_90 and jax-triton >= 0.4)"))
     return supported
 
 

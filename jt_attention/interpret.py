@@ -235,7 +235,7 @@ def _run_in_callback(launches, inputs, names):
 
 def _with_tma(problem):
     """The interpreter runs the TMA variant of the flash kernels (tensor descriptors)
-    only where JT_ATTENTION_TMA=1 asks: for testing the kernels a Hopper GPU would run."""
+    only where JT_ATTENTION_TMA=1 asks, as on a Hopper GPU."""
     return with_tma(problem, os.environ.get(TMA_ENVIRONMENT) == "1")
 
 

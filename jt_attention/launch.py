@@ -32,14 +32,16 @@ def multiprocessor_count():
 
 @functools.cache
 def tma_supported():
-    """Whether the flash kernels may address memory through TMA tensor descriptors: a
-    Hopper GPU (sm_90), and jax-triton 0.4 or later (with Triton 3.7 or later), whose
-    launcher gives kernels the global scratch that descriptors built on the device
-    are written to (0.3.1 passes a null pointer, and they fault). JT_ATTENTION_TMA=0
-    turns it off."""
+    """Whether the flash kernels address memory through TMA tensor descriptors: asked for
+    (JT_ATTENTION_TMA=1), a Hopper GPU (sm_90), and jax-triton 0.4 or later (with Triton
+    3.7 or later), whose launcher gives kernels the global scratch that descriptors built
+    on the device are written to (0.3.1 passes a null pointer, and they fault).
+
+    Opt-in: on the H100 with Triton 3.7.1 the TMA variant was no faster than the pointer
+    loads at any config (WORKSPACE_NOTES.md, "TMA configs against pointer configs")."""
     import jax_triton
 
-    return (os.environ.get(plan.TMA_ENVIRONMENT) != "0" and compute_capability() == "9.0"
+    return (os.environ.get(plan.TMA_ENVIRONMENT) == "1" and compute_capability() == "9.0"
             and _is_jax_triton_04(jax_triton.triton_call))
 
 

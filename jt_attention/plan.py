@@ -38,8 +38,9 @@ class Problem:
     heads_major: bool = False  # True for the [B, H, S, D] layout
     features: Features = Features()
     # The flash kernels address q, k, v, dO and their outputs through TMA tensor
-    # descriptors (tiles.rows_source). Set by the launcher where the device and the
-    # stack offer it (launch.tma_supported) and the problem allows it (tma_eligible).
+    # descriptors (tiles.rows_source). Set by the launcher where asked for and the device
+    # and the stack offer it (launch.tma_supported), and the problem allows it
+    # (tma_eligible).
     tma: bool = False
 
     @property
@@ -473,8 +474,8 @@ def forward_outputs(p, for_backward):
     return FORWARD_OUTPUTS + (kept_buffers(p) if for_backward else ())
 
 
-# JT_ATTENTION_TMA=0 keeps the GPU's flash kernels on pointer loads; =1 makes the
-# interpreter run their TMA variant (launch.tma_supported, interpret._with_tma).
+# JT_ATTENTION_TMA=1 makes the flash kernels run their TMA variant, on an sm_90 GPU with
+# jax-triton >= 0.4 or in the interpreter (launch.tma_supported, interpret._with_tma).
 TMA_ENVIRONMENT = "JT_ATTENTION_TMA"
 
 

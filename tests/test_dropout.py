@@ -2,7 +2,7 @@
 
 The forward and gradients against a reference that applies the same mask run in every
 kernel family with the other features (tests/test_features.py); here: the mask is
-reproducible and differs between keys, the generator is Philox-2x32-10 (Random123's
+reproducible and differs between keys, the generator is Philox-2x32-7 (Random123's
 known answers), the keep rate is 1 - rate, neighbours (those of
 one Philox block too) draw independently, the 'xla' path and the kernels draw the same
 mask, and rate 0 is the plain path exactly.
@@ -33,13 +33,16 @@ def test_mask_is_reproducible_and_follows_the_key():
     assert np.abs(first - other).max() > 0.1
 
 
-@pytest.mark.parametrize("counter,key,words", [
-    ((0, 0), 0, (0xFF1DAE59, 0x6CD10DF2)),
-    ((0xFFFFFFFF, 0xFFFFFFFF), 0xFFFFFFFF, (0x2C3F628B, 0xAB4FD7AD)),
-    ((0x243F6A88, 0x85A308D3), 0x13198A2E, (0xDD7CE038, 0xF62A4C12))])
-def test_philox_known_answers(counter, key, words):
-    """The jnp twin (which the kernels match) is Philox-2x32-10: Random123's test vectors."""
-    assert tuple(int(w) for w in features.philox(*counter, key)) == words
+@pytest.mark.parametrize("rounds,counter,key,words", [
+    (7, (0, 0), 0, (0x257A3673, 0xCD26BE2A)),
+    (7, (0xFFFFFFFF, 0xFFFFFFFF), 0xFFFFFFFF, (0xAB302C4D, 0x3DC9D239)),
+    (7, (0x243F6A88, 0x85A308D3), 0x13198A2E, (0xBEDBBE6B, 0xE4C770B3)),
+    (10, (0, 0), 0, (0xFF1DAE59, 0x6CD10DF2)),
+    (10, (0x243F6A88, 0x85A308D3), 0x13198A2E, (0xDD7CE038, 0xF62A4C12))])
+def test_philox_known_answers(rounds, counter, key, words):
+    """The jnp twin (which the kernels match) is Philox-2x32 with Random123's constants:
+    its test vectors at the 7 rounds drawn, and at its default 10."""
+    assert tuple(int(w) for w in features.philox(*counter, key, rounds)) == words
 
 
 def test_rate_resolution():

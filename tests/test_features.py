@@ -187,6 +187,16 @@ def test_windows(window):
     check_against_float64(FAMILIES["flash"], KERNELS, f"{window=}", local_window_size=window)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_soft_cap_with_logits_beyond_the_cap(dtype):
+    """Gemma 2's cap of 50 on logits whose spread is the cap's (many of them past it).
+    Compiled, the flash kernels take the special-function unit's tanh for 16-bit inputs
+    (masking._tanh): its error must stay inside the dtype's tolerance like the exact
+    one's (the interpreter runs the exact one)."""
+    shape = (1, 70, 90, 2, 1, 64, dtype)
+    check_against_float64(shape, KERNELS, "cap 50", logits_soft_cap=50.0, scale=50.0 / 8)
+
+
 def test_unordered_segment_ids():
     """Ids that are not in runs: no block is skipped, but the result is exact."""
     rng = np.random.default_rng()

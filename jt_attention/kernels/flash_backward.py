@@ -56,15 +56,17 @@ def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m
     lse, delta = load_row_stats(lse_ptr, delta_ptr, rows, SEQ_Q, RAGGED_ROWS)
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     scores_t, cap_grad_t = masking.logits(qk_t, bias_base, rows[None, :], keys[:, None], SCALE,
-                                          SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+                                          SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K,
+                                          q.dtype.primitive_bitwidth == 16)
     probs_t = tl.math.exp2(scores_t - lse[None, :])
     if MASKED:
         lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
                                    WINDOW_RIGHT, SPANS)
         q_segment = masking.segment_ids(q_segments_base, 0, rows, SEQ_Q, SEGMENTS)
         keep = masking.visible(rows[None, :], keys[:, None], lo[None, :], hi[None, :],
-                               q_segment[None, :], key_segments_base, mask_base, NUM_HEADS, SEQ_Q,
-                               SEQ_K, SEGMENTS, MASK_LAYOUT)
+                               masking.no_exact_rows(rows)[None, :], q_segment[None, :],
+                               key_segments_base, mask_base, NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS,
+                               MASK_LAYOUT)
         probs_t = tl.where(keep, probs_t, 0.0)
     dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
     if DROPOUT_THRESHOLD:  # dV takes the kept probabilities, dS the kept dP
@@ -195,12 +197,14 @@ def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_
                   BLOCK_D != HEAD_DIM, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     scores, cap_grad = masking.logits(qk, bias_base, rows[:, None], cols[None, :], SCALE,
-                                      SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+                                      SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K,
+                                      q.dtype.primitive_bitwidth == 16)
     probs = tl.math.exp2(scores - lse[:, None])
     if MASKED:
         keep = masking.visible(rows[:, None], cols[None, :], lo[:, None], hi[:, None],
-                               q_segment[:, None], key_segments_base, mask_base, NUM_HEADS,
-                               SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+                               masking.no_exact_rows(rows)[:, None], q_segment[:, None],
+                               key_segments_base, mask_base, NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS,
+                               MASK_LAYOUT)
         probs = tl.where(keep, probs, 0.0)
     dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT_THRESHOLD:  # the kept dP

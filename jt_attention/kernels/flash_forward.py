@@ -23,8 +23,8 @@ from jt_attention.kernels.tiles import (block_coords, load_from, longest_first_c
 
 @triton.jit
 def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n,
-                  offs_d, lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
-                  batch_head,
+                  offs_d, lo, hi, exact, q_segment, key_segments_base, mask_base, bias_base,
+                  seed_ptr, batch_head,
                   DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                   DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                   SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
@@ -46,11 +46,12 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, qu
                   BLOCK_D != HEAD_DIM, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     scores, _ = masking.logits(qk, bias_base, queries[:, None], cols[None, :], SCALE, SOFT_CAP,
-                               BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+                               BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K,
+                               q.dtype.primitive_bitwidth == 16)
     if MASKED:
         keep = masking.visible(queries[:, None], cols[None, :], lo[:, None], hi[:, None],
-                               q_segment[:, None], key_segments_base, mask_base, NUM_HEADS,
-                               SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
+                               exact[:, None], q_segment[:, None], key_segments_base,
+                               mask_base, NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS, MASK_LAYOUT)
         scores = tl.where(keep, scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
     # A row that has seen no key yet keeps max -inf; exponents are then taken from 0 so
@@ -73,7 +74,7 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, qu
 
 @triton.jit
 def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end,
-                      stop, start_m, queries, offs_n, offs_d, lo, hi, q_segment,
+                      stop, start_m, queries, offs_n, offs_d, lo, hi, exact, q_segment,
                       key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
                       DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
@@ -92,7 +93,8 @@ def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_star
         for start_n in range(begin, end, BLOCK_N):
             acc, row_sum, row_max = _attend_block(
                 acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n, offs_d,
-                lo, hi, q_segment, key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+                lo, hi, exact, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
+                batch_head,
                 DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
                 SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
                 WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS,
@@ -153,6 +155,7 @@ def _flash_forward_kernel(
     spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
     lo, hi = masking.row_reach(offs_m, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
                                WINDOW_RIGHT, SPANS)
+    exact = masking.exact_rows(offs_m, spans, SEQ_Q, SPANS)
     q_segment = masking.segment_ids(q_segments_ptr, batch, offs_m, SEQ_Q, SEGMENTS)
     start, full_start, full_end, stop = masking.key_blocks(
         start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
@@ -163,8 +166,8 @@ def _flash_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, row_sum, row_max = _attend_stretches(
         acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end, stop, start_m,
-        offs_m, offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K, mask_base,
-        bias_base, dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+        offs_m, offs_n, offs_d, lo, hi, exact, q_segment, k_segments_ptr + batch * SEQ_K,
+        mask_base, bias_base, dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
         DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS,
         SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D,
         STRIDE_KS, STRIDE_VS, BLOCK_N, DOT_PRECISION, TMA)

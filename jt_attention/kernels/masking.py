@@ -14,6 +14,8 @@ Three questions, asked by every kernel that reads scores:
    Its first part, `row_reach` (band and spans, per query), also tells the kernels
    that read probabilities another launch wrote which entries exist: a launch that
    walks key_blocks() writes at least every entry a row reaches, whatever its blocks.
+   `exact_rows` marks the queries whose visible keys are one run (their spans are
+   exact), for which the flash forward reads no mask.
 3. The logits: `logits` adds the bias and applies the soft-cap, returning base-2
    scores (log2(e) folded in, as the kernels use exp2) and the soft-cap's derivative
    for the backward; `store_bias_grad` writes or accumulates the bias gradient.
@@ -29,6 +31,7 @@ SPANS) are features.layout codes: PRESENT and the dims an operand has; 0 for non
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -40,7 +43,7 @@ _KEYS: tl.constexpr = tl.constexpr(8)
 # Philox-2x32 constants (features.PHILOX_*)
 _ROUND: tl.constexpr = tl.constexpr(0xD256D193)
 _KEY_STEP: tl.constexpr = tl.constexpr(0x9E3779B9)
-_ROUNDS: tl.constexpr = tl.constexpr(10)
+_ROUNDS: tl.constexpr = tl.constexpr(7)
 # Bias-gradient modes (plan.bias_grad_mode)
 STORE: tl.constexpr = tl.constexpr(1)       # one visit per element: dbias = dS
 ACCUMULATE: tl.constexpr = tl.constexpr(2)  # broadcast dims: fp32 atomic sums
@@ -70,16 +73,17 @@ def dense_base(ptr, batch, head, LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr,
 
 @triton.jit
 def _load_dense_tile(base, q, k, LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr,
-                     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr):
+                     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, wanted=True):
     """[q, k] (index tensors [M, 1] and [1, N], either way round) of a dense operand at
-    `base`; 0 (False) past the ends, whose values are never used. The indices go into
+    `base`; 0 (False) past the ends and where `wanted` (a mask, broadcast to the tile) is
+    False: those values are never used, and their bytes are not read. The indices go into
     the address as they are, not clamped, so that the compiler sees runs of consecutive
     keys and loads them as vectors at constant offsets from one address per row:
     clamped, each element took a 64-bit address of its own, and the mask kernels spilled
     (WORKSPACE_NOTES.md, "Bias and mask loads")."""
     _, _, query_stride, key_stride = _dense_strides(LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
-    return tl.load(base + q * query_stride + k * key_stride, mask=(q < SEQ_Q) & (k < SEQ_K),
-                   other=0)
+    return tl.load(base + q * query_stride + k * key_stride,
+                   mask=(q < SEQ_Q) & (k < SEQ_K) & wanted, other=0)
 
 
 @triton.jit
@@ -228,6 +232,28 @@ def row_reach(queries, spans_base, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
 
 
 @triton.jit
+def exact_rows(queries, spans_base, SEQ_Q: tl.constexpr, SPANS: tl.constexpr):
+    """Per query (a vector of positions): whether the keys it sees are exactly its span
+    [first, end) within the band (full_from == first: its lengths, segment ids and mask
+    leave one run of keys). visible() then reads no mask for it: a causal or padding
+    mask passed as an array costs no mask traffic at all."""
+    if SPANS:
+        first, _, full_from = row_spans(spans_base, queries, SEQ_Q, SPANS)
+        exact = full_from == first
+    else:
+        exact = no_exact_rows(queries)  # no spans, so no mask either: never consulted
+    return exact
+
+
+@triton.jit
+def no_exact_rows(queries):
+    """exact_rows' stand-in where visible() reads the mask for every row: the backward and
+    two-pass kernels, where skipping it was not measured faster (WORKSPACE_NOTES.md,
+    "Dense masks: rows with one run of keys")."""
+    return tl.zeros(queries.shape, tl.int1)
+
+
+@triton.jit
 def keys_to_read(cols, start, stop, SEQ_K: tl.constexpr):
     """The keys to load for `cols` where a kernel computes whole rows: those outside
     [start, stop) (key_blocks of its rows) read the nearest inside instead, so keys that
@@ -244,19 +270,22 @@ def reach_stretches(lo, hi, full_lo, STEP: tl.constexpr):
 
 
 @triton.jit
-def visible(q, k, lo, hi, q_segment, key_segments_base, mask_base, NUM_HEADS: tl.constexpr,
-            SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, SEGMENTS: tl.constexpr,
-            MASK_LAYOUT: tl.constexpr):
+def visible(q, k, lo, hi, exact, q_segment, key_segments_base, mask_base,
+            NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+            SEGMENTS: tl.constexpr, MASK_LAYOUT: tl.constexpr):
     """Whether query q sees key k, for index tensors [M, 1] and [1, N] (either way round).
 
-    lo, hi (row_reach) and q_segment belong to the queries and are shaped like q;
-    key_segments_base and mask_base point at the (batch, head)'s key ids and mask."""
+    lo, hi (row_reach), exact (exact_rows) and q_segment belong to the queries and are
+    shaped like q; key_segments_base and mask_base point at the (batch, head)'s key ids
+    and mask."""
     keep = (k >= lo) & (k < hi)
     if SEGMENTS:
         # unclamped, as in _load_dense_tile: runs of keys load as vectors
         keep = keep & (q_segment == tl.load(key_segments_base + k, mask=k < SEQ_K, other=0))
     if MASK_LAYOUT:
-        keep = keep & _load_dense_tile(mask_base, q, k, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+        # the predicate is constant along each row, so the loads stay vectors
+        keep = keep & (exact | _load_dense_tile(mask_base, q, k, MASK_LAYOUT, NUM_HEADS, SEQ_Q,
+                                                SEQ_K, ~exact))
     return keep
 
 
@@ -272,6 +301,7 @@ def tile_visible(rows, cols, spans_base, q_segments_ptr, k_segments_ptr, mask_pt
     lo, hi = row_reach(rows, spans_base, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
                        SPANS)
     return visible(rows[:, None], cols[None, :], lo[:, None], hi[:, None],
+                   no_exact_rows(rows)[:, None],
                    segment_ids(q_segments_ptr, batch, rows, SEQ_Q, SEGMENTS)[:, None],
                    k_segments_ptr + batch * SEQ_K,
                    dense_base(mask_ptr, batch, head, MASK_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K),
@@ -279,19 +309,29 @@ def tile_visible(rows, cols, spans_base, q_segments_ptr, k_segments_ptr, mask_pt
 
 
 @triton.jit
-def _tanh(x):
-    """tanh from exp2 (libdevice is not in Triton's interpreter): exact at +-inf, absolute
-    error about 1e-7 elsewhere, which is what the soft-capped logits need."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+def _tanh(x, APPROX: tl.constexpr):
+    """tanh of an fp32 tile. APPROX (16-bit inputs, compiled kernels): the special-function
+    unit's tanh.approx.f32, one operation (relative error up to about 2**-11; the
+    attention's errors against float64 measured equal to the exact form's, logits up to
+    three times the cap). Otherwise from exp2, absolute error about 1e-7 (libdevice is
+    not in Triton's interpreter, nor inline PTX): two special-function operations and a
+    division, which bound the soft-capped flash kernels at head dim 128
+    (WORKSPACE_NOTES.md, "Soft-cap with the approximate tanh")."""
+    if APPROX and not _INTERPRETED:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
 
 
 @triton.jit
 def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
            BIAS_LAYOUT: tl.constexpr, NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr,
-           SEQ_K: tl.constexpr):
+           SEQ_K: tl.constexpr, APPROX_TANH: tl.constexpr):
     """(base-2 scores, d capped / d uncapped) of the fp32 dot products qk at [q, k]:
     log2(e) * cap * tanh((SCALE * qk + bias) / cap). The derivative is 1.0 without a
-    soft-cap (and dead code in the forward)."""
+    soft-cap (and dead code in the forward). APPROX_TANH: see _tanh; a forward and its
+    backward must pass the same."""
     if BIAS_LAYOUT == 0 and SOFT_CAP == 0:
         scores = qk * (SCALE * LOG2E)
         cap_grad = 1.0
@@ -302,7 +342,7 @@ def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
             values += bias.to(tl.float32)
         cap_grad = 1.0
         if SOFT_CAP > 0:
-            tanh = _tanh(values * (1.0 / SOFT_CAP))
+            tanh = _tanh(values * (1.0 / SOFT_CAP), APPROX_TANH)
             values = SOFT_CAP * tanh
             cap_grad = 1.0 - tanh * tanh
         scores = values * LOG2E
@@ -311,7 +351,7 @@ def logits(qk, bias_base, q, k, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr,
 
 @triton.jit
 def _philox(c0, c1, key):
-    """Philox-2x32-10 for counter (c0, c1) and key: its two words, uint32
+    """Philox-2x32-7 for counter (c0, c1) and key: its two words, uint32
     (features.philox is the jnp twin)."""
     for _ in tl.static_range(_ROUNDS):
         previous_c0 = c0
@@ -426,3 +466,8 @@ def store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, MODE: tl.conste
                           sem="relaxed")
         else:
             tl.atomic_add(base, tl.sum(tl.sum(dlogits, 1), 0), sem="relaxed")
+
+
+# Whether these functions run in Triton's interpreter (TRITON_INTERPRET=1 when triton
+# decorated them), which has no inline PTX.
+_INTERPRETED: tl.constexpr = tl.constexpr(isinstance(logits, InterpretedFunction))

@@ -75,6 +75,7 @@ def _split_kv_kernel(
     lo, hi = masking.row_reach(query, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
                                WINDOW_RIGHT, SPANS)
     full_lo = tl.maximum(masking.row_spans(spans, query, SEQ_Q, SPANS)[2], lo)
+    exact = masking.exact_rows(query, spans, SEQ_Q, SPANS)
     q_segment = masking.segment_ids(q_segments_ptr, batch, query, SEQ_Q, SEGMENTS)
     # This slice's keys that the rows see.
     slice_start = split * SPLIT_LEN
@@ -89,7 +90,7 @@ def _split_kv_kernel(
     tl.static_assert(DROPOUT_THRESHOLD == 0, "dropout never takes split-KV (plan.kv_slices)")
     acc, row_sum, row_max = _attend_stretches(
         acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, 0, query,
-        offs_n, offs_d, lo, hi, q_segment, k_segments_ptr + batch * SEQ_K,
+        offs_n, offs_d, lo, hi, exact, q_segment, k_segments_ptr + batch * SEQ_K,
         mask_base[:, None], bias_base[:, None], dropout_seed_ptr,
         (batch * NUM_HEADS + feature_head)[:, None], DROPOUT_THRESHOLD, DROPOUT_SCALE,
         DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT,

@@ -134,8 +134,9 @@ def _masked_scores(qk, rows, cols, batch, head, bias_ptr, mask_ptr, q_segments_p
     """Base-2 scores of a [rows, cols] tile of dot products, -inf where hidden; `masked`
     (a scalar, possibly known at compile time) says whether the predicate must run."""
     bias_base = masking.dense_base(bias_ptr, batch, head, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+    # exact tanh: the matmuls at these head dims hide its special-function work
     scores, _ = masking.logits(qk, bias_base, rows[:, None], cols[None, :], SCALE, SOFT_CAP,
-                               BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K)
+                               BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K, False)
     if masked:
         keep = masking.tile_visible(
             rows, cols, spans, q_segments_ptr, k_segments_ptr, mask_ptr, batch, head,
