@@ -430,7 +430,7 @@ def candidate_configs(kernel, compute_capability, footprint, persistent_grid=Fal
     if os.environ.get("JT_ATTENTION_AUTOTUNE") == "all":
         return fitting
     key = shape_class(footprint)
-    tried = [c for c in fitting if getattr(c, "tried_for", None) is None or key in c.tried_for]
+    tried = [c for c in fitting if c.tried_for is None or key in c.tried_for]
     return tried or fitting
 
 

@@ -1,6 +1,7 @@
 """Validation, dispatch and the XLA reference path."""
 
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -208,8 +209,6 @@ def test_a_constant_mask_is_not_folded_at_compile_time():
     (features._spans) must stay run-time work. Folded, a 2048 x 2048 mask cost 13 s of
     compile on a CPU (and a training step's compile ran past 30 s on the GPU machine);
     kept, well under a second."""
-    import time
-
     mask = jnp.tril(jnp.ones((2048, 2048), bool))[None, None]
     q, k, v = (jnp.zeros((1, 2048, 1, 16), jnp.float16) for _ in range(3))
     attend = jax.jit(lambda q, k, v: jax.grad(lambda q: jt_attention.dot_product_attention(
