@@ -15,7 +15,7 @@ import triton
 from jt_attention import tuning
 from jt_attention.features import Features, Operands, layout
 from jt_attention.kernels import (backward_preprocess, flash_backward, flash_forward,
-                                  probs_matmul, split_kv_forward, two_pass_backward,
+                                  masking, probs_matmul, split_kv_forward, two_pass_backward,
                                   two_pass_forward)
 
 
@@ -322,6 +322,13 @@ def _grid(p, fast, middle, slow):
     return (fast * middle * slow,) if p.wide_indexing else (fast, middle, slow)
 
 
+def _tile_grid(p, block_m, block_n, heads):
+    """The grid of the kernels that take one score tile each: masking.tile_slots
+    programs for each block of block_m query rows of `heads` batch·heads."""
+    slots = masking.tile_slots(p.seq_k, block_m, block_n, p.is_causal, *p.features.window)
+    return _grid(p, slots, triton.cdiv(p.seq_q, block_m), heads)
+
+
 def _flash_grid(p, blocks, heads):
     """`blocks` programs for each batch·head (`heads` per batch element), with the batch
     innermost where Problem.batch_inner (kernels/tiles.py block_coords)."""
@@ -428,11 +435,10 @@ def _whole_row_launches(p, start, heads, num_sms):
 
 def _tiled_launches(p, start, heads, tile_n, keep_probs):
     """Score tiles, then their values; keep_probs as in _two_pass_plan (one chunk)."""
-    num_tiles = triton.cdiv(p.seq_k, tile_n)
     scores = Launch(
         two_pass_forward._score_tiles_kernel, ("q", "k") + SCORE_INPUTS + (start,),
         _score_tile_buffers(p, tile_n, heads),
-        lambda meta: _grid(p, num_tiles, triton.cdiv(p.seq_q, meta["BLOCK_M"]), heads),
+        lambda meta: _tile_grid(p, meta["BLOCK_M"], tile_n, heads),
         dict(SCALE=p.scale, TILE_N=tile_n, **_common_constexprs(p),
              **_stride_constexprs(p, "Q", "K")))
     tiles = ("tile_probs", "tile_max", "tile_sum", "v", "key_spans")
@@ -607,8 +613,7 @@ def _score_grads_launches(p, start, heads):
                        ("v", "dout", "probs", "dlse", "key_spans", dbias_slot), outputs,
                        lambda meta: _grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), 1, heads),
                        dict(ROW_KEYS=_row_keys(p), **constexprs))]
-    grid = lambda meta: _grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]),
-                              triton.cdiv(p.seq_q, meta["BLOCK_M"]), heads)
+    grid = lambda meta: _tile_grid(p, meta["BLOCK_M"], meta["BLOCK_N"], heads)
     if p.keeps_probs:
         score_grads = Launch(two_pass_backward._dscores_from_probs_kernel,
                              ("v", "dout", "probs", "delta", "key_spans", dbias_slot), outputs,

@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import triton
 
 import jt_attention
 from jt_attention import interpret, plan
+from jt_attention.kernels import masking
 from jt_attention.features import Features
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
                      check_against_float64, kernel_implementation, random_inputs,
@@ -235,6 +237,31 @@ def test_hidden_blocks_are_never_read(family):
     assert np.isfinite(np.asarray(dq, np.float32)).all(), f"{seed=}"
     for grad in (dk, dv):
         assert np.isfinite(np.asarray(grad, np.float32)[~hidden]).all(), f"{seed=}"
+
+
+@pytest.mark.parametrize("is_causal,window", [(True, (-1, -1)), (False, (40, 9)),
+                                              (True, (256, 0)), (False, (0, 300)),
+                                              (True, (0, 0))])
+def test_tile_slots_cover_the_band(is_causal, window):
+    """The tile kernels start masking.tile_slots programs per row block, each taking the
+    row block's visible key block of its index: enough for every block the band lets
+    a row block see (counted from the band's definition), and no more than all."""
+    left, right = window
+    for seq_q, seq_k, block_m, block_n in [(300, 700, 64, 256), (1000, 900, 128, 64),
+                                           (77, 2048, 16, 32)]:
+        slots = masking.tile_slots(seq_k, block_m, block_n, is_causal, left, right)
+        most = 0
+        for first in range(0, seq_q, block_m):
+            rows = np.arange(first, first + block_m)[:, None]
+            keys = np.arange(seq_k)[None, :]
+            seen = np.ones((block_m, seq_k), bool)
+            if left >= 0:
+                seen &= keys >= rows - left
+            if is_causal or right >= 0:
+                seen &= keys <= rows + (0 if is_causal else right)
+            blocks = np.nonzero(seen.any(0))[0] // block_n
+            most = max(most, blocks.max() - blocks.min() + 1 if blocks.size else 0)
+        assert most <= slots <= triton.cdiv(seq_k, block_n), (seq_q, seq_k, most, slots)
 
 
 def test_matches_jax_nn_on_every_argument():

@@ -142,6 +142,21 @@ def band_bounds(first, last, BELOW: tl.constexpr, ABOVE: tl.constexpr, LIMIT: tl
     return lo, hi, full_lo, full_hi
 
 
+@triton.constexpr_function
+def tile_slots(seq_k, block_m, block_n, is_causal, window_left, window_right):
+    """Programs per row block (the grid's fast axis) of the kernels that take one score
+    tile each (two_pass_forward, two_pass_backward): the most key blocks a row block
+    can see where the band bounds its keys, so that a window starts no programs for
+    the blocks it hides; else all of them. Program `slot` takes the row block's visible
+    block `slot` (key_blocks' start + slot * block_n), if there is one. The plan calls
+    it too, on plain ints, for the grids."""
+    blocks = (seq_k + block_n - 1) // block_n
+    above = 0 if is_causal else window_right
+    if window_left >= 0 and above >= 0:  # keys i - left .. i + above for rows i of the block
+        blocks = min(blocks, (block_m - 1 + window_left + above) // block_n + 2)
+    return blocks
+
+
 @triton.jit
 def span_bounds(lo, hi, full_lo, full_hi, first, end, full_from):
     """band_bounds narrowed by the spans (vectors) of the same indices."""

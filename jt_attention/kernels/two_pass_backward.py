@@ -87,7 +87,7 @@ def _score_grads_kernel(
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), chunk heads), for the chunk
+    """programs (masking.tile_slots, cdiv(SEQ_Q, BLOCK_M), chunk heads), for the chunk
     of batch·heads from head_start on (plan.Problem.head_chunks). With dropout, probs
     holds the kept probabilities, scaled (for dV), and dS takes the kept dP.
 
@@ -95,11 +95,11 @@ def _score_grads_kernel(
     lse: [batch * NUM_HEADS, SEQ_Q]; delta: [chunk heads, SEQ_Q] (fp32).
     dbias (the bias's shape; dbias_earlier: what earlier chunks wrote to it, never
     read) is written where BIAS_GRAD."""
-    KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    key_block, row_block, chunk_head = grid_coords(KEY_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    SLOTS: tl.constexpr = masking.tile_slots(SEQ_K, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW_LEFT,
+                                             WINDOW_RIGHT)
+    slot, row_block, chunk_head = grid_coords(SLOTS, ROW_BLOCKS, WIDE_INDEXING)
     start_m = row_block * BLOCK_M
-    start_n = key_block * BLOCK_N
     batch_head = head_start + chunk_head
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
@@ -109,6 +109,7 @@ def _score_grads_kernel(
     start, full_start, full_end, stop = masking.key_blocks(
         start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
         SPANS)
+    start_n = (start // BLOCK_N + slot) * BLOCK_N  # (both tests: see _score_tiles_kernel)
     if (start_n >= start) & (start_n < stop):
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -187,13 +188,13 @@ def _dscores_from_probs_kernel(
     (two_pass_forward._weighted_values_keeping_probs_kernel), for rows longer than
     tuning.WHOLE_ROW_MAX_KEYS or fp32 inputs (else _dscores_whole_rows_kernel).
 
-    programs (cdiv(SEQ_K, BLOCK_N), cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
+    programs (masking.tile_slots, cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
     probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""
-    KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    key_block, row_block, batch_head = grid_coords(KEY_BLOCKS, ROW_BLOCKS, WIDE_INDEXING)
+    SLOTS: tl.constexpr = masking.tile_slots(SEQ_K, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW_LEFT,
+                                             WINDOW_RIGHT)
+    slot, row_block, batch_head = grid_coords(SLOTS, ROW_BLOCKS, WIDE_INDEXING)
     start_m = row_block * BLOCK_M
-    start_n = key_block * BLOCK_N
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
 
@@ -201,6 +202,7 @@ def _dscores_from_probs_kernel(
     start, full_start, full_end, stop = masking.key_blocks(
         start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
         SPANS)
+    start_n = (start // BLOCK_N + slot) * BLOCK_N  # (both tests: see _score_tiles_kernel)
     if (start_n >= start) & (start_n < stop):
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
