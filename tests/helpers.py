@@ -94,27 +94,33 @@ def relative_error(out, ref):
 
 
 def gradient_error(grad, want, zero_scale=1.0):
-    """Relative error; where the true gradient is zero but for rounding (dq and dk with
-    one visible key, a bias that is constant along a row), the root mean square over
-    `zero_scale`, the size of the terms whose cancellation makes it zero."""
-    want = np.asarray(want)
-    if np.linalg.norm(want) <= 1e-9 * np.sqrt(want.size):
-        grad = np.asarray(grad).astype(np.float64)
-        assert np.isfinite(grad).all(), "gradient has NaN or Inf"
-        return float(np.sqrt(np.mean(grad ** 2)) / zero_scale)
-    return relative_error(grad, want)
+    """The larger of: the relative error over the rows (last axis) whose true gradient
+    is not zero, and the root mean square over `zero_scale` of the rows where it is zero
+    but for rounding (dq of a query that sees one key, a bias constant along a row):
+    `zero_scale` is the size of the terms whose cancellation makes them zero. Judged
+    apart, such rows' rounding cannot hide an error in the others, nor the others' size
+    decide how much rounding passes."""
+    grad, want = np.asarray(grad).astype(np.float64), np.asarray(want)
+    assert np.isfinite(grad).all(), "gradient has NaN or Inf"
+    zero = np.linalg.norm(want, axis=-1) <= 1e-9 * np.sqrt(want.shape[-1])
+    error = relative_error(grad[~zero], want[~zero]) if not zero.all() else 0.0
+    if zero.any():
+        error = max(error, float(np.sqrt(np.mean(grad[zero] ** 2)) / zero_scale))
+    return error
 
 
 def _cancelled_scales(q, k, dout, out, scale):
-    """{dq, dk: the root-mean-square size of the terms P * dP * key (or query) * scale
-    that the row term delta = rowsum(dO * O) cancels}. Where a row sees one key, dq and
-    dk are exactly 0, and what is left is the rounding of O (in the kernels' dtype) in
+    """{dq, dk, dbias: the root-mean-square size of the terms P * dP (times key or query
+    and scale for dq and dk) that the row term delta = rowsum(dO * O) cancels}. Where a
+    row sees one key, its dq and dbias are exactly 0 (dk where every row that sees the
+    key sees only it), and what is left is the rounding of O (in the kernels' dtype) in
     delta: 2**-8 of these terms in bf16, as in FlashAttention. Never below 1."""
     delta = np.sum(np.asarray(dout, np.float64) * out, axis=-1)  # [B, T, N]
     rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64)))))
     rows_per_key = q.shape[1] * q.shape[2] / k.shape[2]  # rows that reach each key
     return dict(dq=max(1.0, scale * rms(delta) * rms(k)),
-                dk=max(1.0, scale * rms(delta) * rms(q) * np.sqrt(rows_per_key)))
+                dk=max(1.0, scale * rms(delta) * rms(q) * np.sqrt(rows_per_key)),
+                dbias=max(1.0, rms(delta)))
 
 
 def plain_operands():

@@ -101,6 +101,9 @@ FAMILY_SETS = dict(flash=FEATURE_SETS, split_kv=["bias", "lengths", "soft_cap", 
 BATTERY = [(KERNELS, family, feature) for family in FAMILIES
            for feature in FAMILY_SETS.get(family, TWO_PASS_SETS)]
 BATTERY += [("xla", "flash", feature) for feature in ("dropout", "everything")]
+# Every family with every feature keeps the interpreter's overflow checks (conftest.py).
+BATTERY = [pytest.param(*case, marks=pytest.mark.int_overflow_checks)
+           if case[2] == "everything" else case for case in BATTERY]
 
 
 @pytest.mark.parametrize("implementation,family,feature", BATTERY, ids=str)

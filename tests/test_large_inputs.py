@@ -24,6 +24,7 @@ from helpers import (TOLERANCE, attention_float64, attention_grads_float64,
                      kernel_implementation, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
+pytestmark = pytest.mark.int_overflow_checks  # conftest.py
 gpu_only = pytest.mark.skipif(IMPL != "triton", reason="needs a CUDA GPU")
 
 

@@ -19,6 +19,7 @@ import pytest
 from helpers import DTYPES, check_against_float64, kernel_implementation
 
 IMPL = kernel_implementation()
+pytestmark = pytest.mark.int_overflow_checks  # conftest.py
 RUN_SEED = int(os.environ.get("JT_RANDOM_SEED", np.random.SeedSequence().entropy % 2**32))
 
 

@@ -158,6 +158,16 @@ def tile_slots(seq_k, block_m, block_n, is_causal, window_left, window_right):
 
 
 @triton.jit
+def slot_block(slot, start, stop, BLOCK_N: tl.constexpr):
+    """(block, seen): the key block (index in blocks of BLOCK_N) that program `slot` of a
+    row block takes (tile_slots), and whether the row block sees it (key_blocks' start,
+    stop). block * BLOCK_N >= start always holds; testing it all the same keeps the
+    plain score tile kernel at 170 registers, not 218 (sm_90, Triton 3.6)."""
+    block = start // BLOCK_N + slot
+    return block, (block * BLOCK_N >= start) & (block * BLOCK_N < stop)
+
+
+@triton.jit
 def span_bounds(lo, hi, full_lo, full_hi, first, end, full_from):
     """band_bounds narrowed by the spans (vectors) of the same indices."""
     return (max(lo, tl.min(first, 0)), min(hi, tl.max(end, 0)),

@@ -109,8 +109,9 @@ def _score_grads_kernel(
     start, full_start, full_end, stop = masking.key_blocks(
         start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
         SPANS)
-    start_n = (start // BLOCK_N + slot) * BLOCK_N  # (both tests: see _score_tiles_kernel)
-    if (start_n >= start) & (start_n < stop):
+    block_n, seen = masking.slot_block(slot, start, stop, BLOCK_N)
+    start_n = block_n * BLOCK_N
+    if seen:
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -202,8 +203,9 @@ def _dscores_from_probs_kernel(
     start, full_start, full_end, stop = masking.key_blocks(
         start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
         SPANS)
-    start_n = (start // BLOCK_N + slot) * BLOCK_N  # (both tests: see _score_tiles_kernel)
-    if (start_n >= start) & (start_n < stop):
+    block_n, seen = masking.slot_block(slot, start, stop, BLOCK_N)
+    start_n = block_n * BLOCK_N
+    if seen:
         rows = start_m + tl.arange(0, BLOCK_M)
         cols = start_n + tl.arange(0, BLOCK_N)
         RAGGED_ROWS: tl.constexpr = SEQ_Q % BLOCK_M != 0
