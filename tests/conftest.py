@@ -5,9 +5,9 @@
 - 8 simulated CPU devices (XLA reads the flag when its CPU backend starts), for the
   sharding and ring-attention tests; single-device tests run on the first.
 - Triton's interpreter checks every 32-bit integer add, subtract and multiply for
-  overflow, which took a third of the interpreted tests' time. Only modules marked
-  `int_overflow_checks` keep the check (the random shapes and the wide-indexing tests,
-  which between them run every kernel family with every feature); the package's own
+  overflow, which took a third of the interpreted tests' time. Only tests marked
+  `int_overflow_checks` keep the check: the random shapes, the wide-indexing tests and
+  each kernel family's "everything" case in test_features.py. The package's own
   interpreter path (implementation='interpret') keeps Triton's default.
 """
 

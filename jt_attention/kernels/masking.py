@@ -7,7 +7,9 @@ Three questions, asked by every kernel that reads scores:
    key there), masked. `query_blocks` does the same for a block of keys (the kernels
    that walk queries). Causal and the local window bound the stretches statically;
    the per-row spans (features.py: lengths, segment ids, the mask) at run time.
-   Blocks no query of the block sees are never visited.
+   Blocks no query of the block sees are never visited. The kernels that take one
+   score tile per program (tile_slots of them per row block) get theirs from
+   `program_tile`.
 2. Which elements are visible, in a masked block: `visible`, the one element
    predicate, over index tensors shaped [M, 1] and [1, N] in either order, so the
    kernels that work on transposed [keys, queries] tiles call it as the others do.
@@ -32,6 +34,8 @@ SPANS) are features.layout codes: PRESENT and the dims an operand has; 0 for non
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from jt_attention.kernels.tiles import grid_coords
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -158,16 +162,6 @@ def tile_slots(seq_k, block_m, block_n, is_causal, window_left, window_right):
 
 
 @triton.jit
-def slot_block(slot, start, stop, BLOCK_N: tl.constexpr):
-    """(block, seen): the key block (index in blocks of BLOCK_N) that program `slot` of a
-    row block takes (tile_slots), and whether the row block sees it (key_blocks' start,
-    stop). block * BLOCK_N >= start always holds; testing it all the same keeps the
-    plain score tile kernel at 170 registers, not 218 (sm_90, Triton 3.6)."""
-    block = start // BLOCK_N + slot
-    return block, (block * BLOCK_N >= start) & (block * BLOCK_N < stop)
-
-
-@triton.jit
 def span_bounds(lo, hi, full_lo, full_hi, first, end, full_from):
     """band_bounds narrowed by the spans (vectors) of the same indices."""
     return (max(lo, tl.min(first, 0)), min(hi, tl.max(end, 0)),
@@ -224,6 +218,40 @@ def key_blocks(start_m, spans_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     see; spans_ptr at the (batch, head)'s key spans."""
     return _block_stretches(start_m, BLOCK_M, BLOCK_N, SEQ_K, WINDOW_LEFT,
                             0 if IS_CAUSAL else WINDOW_RIGHT, spans_ptr, SPANS, SEQ_Q)
+
+
+@triton.jit
+def program_tile(spans_ptr, head_start, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
+                 NUM_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                 WINDOW_RIGHT: tl.constexpr, SPANS: tl.constexpr,
+                 WIDE_INDEXING: tl.constexpr):
+    """This program's score tile, in the kernels that take one each (programs
+    (tile_slots, cdiv(SEQ_Q, BLOCK_M), chunk heads from head_start on)): (chunk_head,
+    batch, head, spans, start_m, block_n, seen, partial). The tile's rows start at
+    start_m, its keys at block_n * BLOCK_N; spans: the (batch, head)'s key spans
+    (spans_base); seen: some row of the block sees that key block (else the program
+    has nothing to do); partial: the block lies in a masked stretch of key_blocks,
+    where the element predicate decides."""
+    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
+    SLOTS: tl.constexpr = tile_slots(SEQ_K, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW_LEFT,
+                                     WINDOW_RIGHT)
+    slot, row_block, chunk_head = grid_coords(SLOTS, ROW_BLOCKS, WIDE_INDEXING)
+    start_m = row_block * BLOCK_M
+    batch_head = head_start + chunk_head
+    batch = batch_head // NUM_HEADS
+    head = batch_head % NUM_HEADS
+    spans = spans_base(spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
+    start, full_start, full_end, stop = key_blocks(
+        start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+        SPANS)
+    # start_n >= start always holds; testing it all the same keeps the plain score
+    # tile kernel at 170 registers, not 218 (sm_90, Triton 3.6).
+    block_n = start // BLOCK_N + slot
+    start_n = block_n * BLOCK_N
+    seen = (start_n >= start) & (start_n < stop)
+    partial = (start_n < full_start) | (start_n >= full_end)
+    return chunk_head, batch, head, spans, start_m, block_n, seen, partial
 
 
 @triton.jit

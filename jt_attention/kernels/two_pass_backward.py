@@ -95,21 +95,11 @@ def _score_grads_kernel(
     lse: [batch * NUM_HEADS, SEQ_Q]; delta: [chunk heads, SEQ_Q] (fp32).
     dbias (the bias's shape; dbias_earlier: what earlier chunks wrote to it, never
     read) is written where BIAS_GRAD."""
-    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    SLOTS: tl.constexpr = masking.tile_slots(SEQ_K, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW_LEFT,
-                                             WINDOW_RIGHT)
-    slot, row_block, chunk_head = grid_coords(SLOTS, ROW_BLOCKS, WIDE_INDEXING)
-    start_m = row_block * BLOCK_M
+    chunk_head, batch, head, spans, start_m, block_n, seen, partial = masking.program_tile(
+        key_spans_ptr, head_start, SEQ_Q, SEQ_K, NUM_HEADS, BLOCK_M, BLOCK_N, IS_CAUSAL,
+        WINDOW_LEFT, WINDOW_RIGHT, SPANS, WIDE_INDEXING)
     batch_head = head_start + chunk_head
-    batch = batch_head // NUM_HEADS
-    head = batch_head % NUM_HEADS
     kv_head = head // KV_GROUP
-
-    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
-    start, full_start, full_end, stop = masking.key_blocks(
-        start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-        SPANS)
-    block_n, seen = masking.slot_block(slot, start, stop, BLOCK_N)
     start_n = block_n * BLOCK_N
     if seen:
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -146,7 +136,7 @@ def _score_grads_kernel(
         scores, cap_grad = masking.logits(qk, bias_base, rows[:, None], cols[None, :], SCALE,
                                           SOFT_CAP, BIAS_LAYOUT, NUM_HEADS, SEQ_Q, SEQ_K, False)
         probs = tl.math.exp2(scores - lse[:, None])
-        if (start_n < full_start) | (start_n >= full_end):
+        if partial:
             keep = masking.tile_visible(
                 rows, cols, spans, q_segments_ptr, k_segments_ptr, mask_ptr, batch, head,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SPANS, NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS,
@@ -191,19 +181,9 @@ def _dscores_from_probs_kernel(
 
     programs (masking.tile_slots, cdiv(SEQ_Q, BLOCK_M), batch * NUM_HEADS).
     probs, dscores: [batch * NUM_HEADS, SEQ_Q, PROBS_STRIDE] in the input dtype."""
-    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    SLOTS: tl.constexpr = masking.tile_slots(SEQ_K, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW_LEFT,
-                                             WINDOW_RIGHT)
-    slot, row_block, batch_head = grid_coords(SLOTS, ROW_BLOCKS, WIDE_INDEXING)
-    start_m = row_block * BLOCK_M
-    batch = batch_head // NUM_HEADS
-    head = batch_head % NUM_HEADS
-
-    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
-    start, full_start, full_end, stop = masking.key_blocks(
-        start_m, spans, BLOCK_M, BLOCK_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-        SPANS)
-    block_n, seen = masking.slot_block(slot, start, stop, BLOCK_N)
+    batch_head, batch, head, spans, start_m, block_n, seen, partial = masking.program_tile(
+        key_spans_ptr, 0, SEQ_Q, SEQ_K, NUM_HEADS, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW_LEFT,
+        WINDOW_RIGHT, SPANS, WIDE_INDEXING)
     start_n = block_n * BLOCK_N
     if seen:
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -219,7 +199,7 @@ def _dscores_from_probs_kernel(
         offsets = tile_ptrs(batch_head * SEQ_Q * PROBS_STRIDE, rows, cols, PROBS_STRIDE, SEQ_Q)
         probs = load_tile(probs_ptr + offsets, rows, cols, SEQ_Q, SEQ_K, RAGGED_ROWS,
                           RAGGED_KEYS).to(tl.float32)
-        if (start_n < full_start) | (start_n >= full_end):
+        if partial:
             lo, hi = masking.row_reach(rows, spans, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
                                           WINDOW_RIGHT, SPANS)
             probs = _within_reach(probs, rows, cols, lo, hi)

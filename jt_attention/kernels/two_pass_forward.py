@@ -68,21 +68,10 @@ def _score_tiles_kernel(
     tile_max, tile_sum: [chunk heads, NUM_TILES, SEQ_Q] fp32, base 2.
     """
     NUM_TILES: tl.constexpr = (SEQ_K + TILE_N - 1) // TILE_N
-    ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    SLOTS: tl.constexpr = masking.tile_slots(SEQ_K, BLOCK_M, TILE_N, IS_CAUSAL, WINDOW_LEFT,
-                                             WINDOW_RIGHT)
-    slot, row_block, chunk_head = grid_coords(SLOTS, ROW_BLOCKS, WIDE_INDEXING)
-    start_m = row_block * BLOCK_M
-    batch_head = head_start + chunk_head
-    batch = batch_head // NUM_HEADS
-    head = batch_head % NUM_HEADS
-
     # Tiles no row of the block sees are never written, nor read by the second launch.
-    spans = masking.spans_base(key_spans_ptr, batch, head, SPANS, NUM_HEADS, SEQ_Q)
-    start, full_start, full_end, stop = masking.key_blocks(
-        start_m, spans, BLOCK_M, TILE_N, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-        SPANS)
-    tile_n, seen = masking.slot_block(slot, start, stop, TILE_N)
+    chunk_head, batch, head, spans, start_m, tile_n, seen, partial = masking.program_tile(
+        key_spans_ptr, head_start, SEQ_Q, SEQ_K, NUM_HEADS, BLOCK_M, TILE_N, IS_CAUSAL,
+        WINDOW_LEFT, WINDOW_RIGHT, SPANS, WIDE_INDEXING)
     start_n = tile_n * TILE_N
     if seen:
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -103,11 +92,9 @@ def _score_tiles_kernel(
                           RAGGED_KEYS, RAGGED_DIM)
             qk = tl.dot(q, tl.trans(k), qk, input_precision=DOT_PRECISION)
         scores = _masked_scores(qk, offs_m, offs_n, batch, head, bias_ptr, mask_ptr,
-                                q_segments_ptr, k_segments_ptr, spans,
-                                (start_n < full_start) | (start_n >= full_end),
-                                SCALE, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFT_CAP,
-                                BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, NUM_HEADS, SEQ_Q,
-                                SEQ_K)
+                                q_segments_ptr, k_segments_ptr, spans, partial, SCALE,
+                                IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFT_CAP, BIAS_LAYOUT,
+                                MASK_LAYOUT, SEGMENTS, SPANS, NUM_HEADS, SEQ_Q, SEQ_K)
         tile_max = tl.max(scores, 1)
         # A row can be wholly masked in this tile; keep its stats NaN-free.
         probs = tl.math.exp2(scores - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
