@@ -126,11 +126,16 @@ def _flash_forward_kernel(
     grid; lse is [batch, NUM_HEADS, SEQ_Q] fp32. The feature operands (bias to key_spans)
     are plan.SCORE_INPUTS."""
     ROW_BLOCKS: tl.constexpr = (SEQ_Q + BLOCK_M - 1) // BLOCK_M
-    if IS_CAUSAL:  # later row blocks see more keys
+    # Causal: later row blocks see more keys, so they go first. Where spans decide
+    # (a mask, lengths, segment ids) the same order is a guess that costs nothing when
+    # rows are alike and takes 5% off a causal mask passed as an array.
+    if IS_CAUSAL or (SPANS and not BATCH_INNER):
         row_block, batch_head = longest_first_coords(ROW_BLOCKS, WIDE_INDEXING)
     else:
         row_block, batch_head = block_coords(ROW_BLOCKS, NUM_HEADS, BATCH, BATCH_INNER,
                                              WIDE_INDEXING)
+        if SPANS:  # the batch-inner grid keeps its order; the row blocks go last first
+            row_block = ROW_BLOCKS - 1 - row_block
     start_m = row_block * BLOCK_M
     batch = batch_head // NUM_HEADS
     head = batch_head % NUM_HEADS
