@@ -235,7 +235,9 @@ def test_sweep_matches_jax_nn_on_gpu(head_dim, dtype, causal, seq_q, seq_k):
 @pytest.mark.skipif(IMPL != "triton", reason="compiles every H100 config on the GPU")
 @pytest.mark.parametrize("head_dim,dtype,causal,seq_q,seq_k", [
     (1024, "float16", False, 512, 512), (1024, "float16", True, 512, 512),  # the seed's rows
-    (520, "bfloat16", True, 1000, 333), (264, "float16", False, 300, 777)])
+    (520, "bfloat16", True, 1000, 333), (264, "float16", False, 300, 777),
+    (1024, "float16", True, 65, 65),  # whole rows, one ragged row past a block of 64
+    (512, "bfloat16", True, 100, 100)])
 def test_every_config_on_gpu(monkeypatch, head_dim, dtype, causal, seq_q, seq_k):
     """Each shipped config of every launch, forced one at a time on the GPU: autotuning
     must never be able to pick a config that computes a wrong result (2026-11-24 found
