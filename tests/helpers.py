@@ -96,7 +96,7 @@ def relative_error(out, ref):
 def gradient_error(grad, want, zero_scale=1.0):
     """The larger of: the relative error over the rows (last axis) whose true gradient
     is not zero, and the root mean square over `zero_scale` of the rows where it is zero
-    but for rounding (dq of a query that sees one key, a bias constant along a row):
+    but for rounding (dq of a query that sees one key, dk of a key that such rows alone see):
     `zero_scale` is the size of the terms whose cancellation makes them zero. Judged
     apart, such rows' rounding cannot hide an error in the others, nor the others' size
     decide how much rounding passes."""
