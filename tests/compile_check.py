@@ -113,13 +113,31 @@ def _skip_assembly(backend=None, stages=None, options=None, language=None, capab
 
 
 def _variants(problem):
-    """(problem, targets, nearest_only) to compile: the problem on both targets (with
-    every feature: sm_90 only, the config nearest the limit: see FEATURE_CONFIGS), and
-    where the flash kernels may use TMA, their TMA variant for sm_90 (nearest only)."""
+    """(problem, targets, nearest_only, split) to compile: the problem on both targets
+    (with every feature: sm_90 only, the config nearest the limit: see FEATURE_CONFIGS);
+    where the flash kernels may use TMA, their TMA variant for sm_90 (nearest only); and
+    at head-dim tiles of 256, the key grads as two launches (`split`, off by default:
+    tuning.SPLIT_KEY_GRADS_BLOCK_D) for sm_90 (nearest only)."""
     features = problem.features.bias != ()
-    yield problem, ("9.0",) if features else tuple(TARGETS), features
+    yield problem, ("9.0",) if features else tuple(TARGETS), features, False
     if problem.tma_eligible:
-        yield plan.with_tma(problem, True), ("9.0",), True
+        yield plan.with_tma(problem, True), ("9.0",), True, False
+    if problem.uses_flash_kernel and problem.block_d == 256:
+        yield problem, ("9.0",), True, True
+
+
+def _launches(problem, split):
+    """(every launch of the problem, those to compile): all, or only the split key grads
+    (which compute one of dK and dV), or the launches that take TMA."""
+    default = tuning.SPLIT_KEY_GRADS_BLOCK_D
+    tuning.SPLIT_KEY_GRADS_BLOCK_D = 256 if split else default
+    launches = every_launch(problem, H100_SMS)
+    tuning.SPLIT_KEY_GRADS_BLOCK_D = default
+    if split:
+        return launches, [l for l in launches if l.metaparams.get("DK") != l.metaparams.get("DV")]
+    if problem.tma:
+        return launches, [launch for launch in launches if "TMA" in launch.metaparams]
+    return launches, launches
 
 
 def main():
@@ -129,11 +147,9 @@ def main():
         problem = plan.Problem(2, seq_q, seq_k, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
         if features:
             problem = every_feature(problem)
-        for variant, targets, nearest_only in _variants(problem):
-            launches = every_launch(variant, H100_SMS)
-            buffer_dtypes = _buffer_dtypes(variant, launches)
-            if variant.tma:  # the launches that take it
-                launches = [launch for launch in launches if "TMA" in launch.metaparams]
+        for variant, targets, nearest_only, split in _variants(problem):
+            every, launches = _launches(variant, split)
+            buffer_dtypes = _buffer_dtypes(variant, every)
             for cc in targets:
                 for launch in launches:
                     _compile_configs(launch, variant, buffer_dtypes, cc, nearest_only,
