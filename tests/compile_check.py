@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 
 from jt_attention import plan, tuning
 from jt_attention.features import Features
-from helpers import every_launch  # this script runs from tests/
+from helpers import SPLIT_KEY_GRADS_AT, every_launch  # this script runs from tests/
 
 TARGETS = {"8.9": 89, "9.0": 90}
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "bool": "*i1",
@@ -122,7 +122,7 @@ def _variants(problem):
     yield problem, ("9.0",) if features else tuple(TARGETS), features, False
     if problem.tma_eligible:
         yield plan.with_tma(problem, True), ("9.0",), True, False
-    if problem.uses_flash_kernel and problem.block_d == 256:
+    if problem.uses_flash_kernel and problem.block_d == SPLIT_KEY_GRADS_AT:
         yield problem, ("9.0",), True, True
 
 
@@ -130,7 +130,7 @@ def _launches(problem, split):
     """(every launch of the problem, those to compile): all, or only the split key grads
     (which compute one of dK and dV), or the launches that take TMA."""
     default = tuning.SPLIT_KEY_GRADS_BLOCK_D
-    tuning.SPLIT_KEY_GRADS_BLOCK_D = 256 if split else default
+    tuning.SPLIT_KEY_GRADS_BLOCK_D = SPLIT_KEY_GRADS_AT if split else default
     launches = every_launch(problem, H100_SMS)
     tuning.SPLIT_KEY_GRADS_BLOCK_D = default
     if split:
