@@ -20,8 +20,8 @@ from jt_attention import interpret, plan
 from jt_attention.kernels import masking
 from jt_attention.features import Features
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
-                     check_against_float64, kernel_implementation, launch_path,
-                     random_inputs, relative_error, split_key_grads)
+                     check_against_float64, feature_rng, kernel_implementation,
+                     launch_path, new_seed, random_inputs, relative_error, split_key_grads)
 
 KERNELS = kernel_implementation()
 IMPLEMENTATIONS = [KERNELS, "xla"]
@@ -115,9 +115,9 @@ def test_feature_in_every_family(feature, family, implementation, monkeypatch):
         monkeypatch.setenv(plan.TMA_ENVIRONMENT, "1")
     if family == "flash_wide":
         split_key_grads(monkeypatch)
-    shape = FAMILIES[family]
-    kwargs = feature_kwargs(feature, shape, np.random.default_rng())
-    check_against_float64(shape, implementation, f"{feature=} {family=}", **kwargs)
+    shape, seed = FAMILIES[family], new_seed()
+    kwargs = feature_kwargs(feature, shape, feature_rng(seed))
+    check_against_float64(shape, implementation, f"{feature=} {family=}", seed=seed, **kwargs)
 
 
 def test_families_take_their_kernels(monkeypatch):
@@ -150,9 +150,9 @@ BIAS_SHAPES = [(2, 4, 45, 53), (1, 4, 45, 53), (2, 1, 1, 53), (1, 1, 45, 1), (4,
 def test_bias_broadcast_and_its_gradient(bias_shape):
     """Every broadcast form reduces its gradient in the kernels (stored where the bias has
     every dim, fp32 atomic sums where it broadcasts); causal for half of them."""
-    rng = np.random.default_rng()
-    bias = rng.standard_normal(bias_shape).astype(np.float32)
-    check_against_float64(FAMILIES["flash"], KERNELS, f"{bias_shape=}", bias=bias,
+    seed = new_seed()
+    bias = feature_rng(seed).standard_normal(bias_shape).astype(np.float32)
+    check_against_float64(FAMILIES["flash"], KERNELS, f"{bias_shape=}", seed=seed, bias=bias,
                           is_causal=BIAS_SHAPES.index(bias_shape) % 2 == 1)
 
 
@@ -160,16 +160,17 @@ def test_bias_broadcast_and_its_gradient(bias_shape):
                                                ("float32", "bfloat16")])
 def test_bias_dtypes(dtype, bias_dtype):
     """A bias in the input dtype or another: its gradient comes back in its own dtype."""
-    shape = (1, 30, 35, 2, 2, 40, dtype)
-    bias = np.random.default_rng().standard_normal((1, 2, 30, 35)).astype(DTYPES[bias_dtype])
-    check_against_float64(shape, KERNELS, f"{bias_dtype=}", bias=bias)
+    shape, seed = (1, 30, 35, 2, 2, 40, dtype), new_seed()
+    bias = feature_rng(seed).standard_normal((1, 2, 30, 35)).astype(DTYPES[bias_dtype])
+    check_against_float64(shape, KERNELS, f"{bias_dtype=}", seed=seed, bias=bias)
 
 
 @pytest.mark.parametrize("mask_shape", [(2, 1, 45, 53), (1, 4, 45, 53), (2, 1, 1, 53),
                                         (1, 1, 45, 1), (45, 53)], ids=str)
 def test_mask_broadcast(mask_shape):
-    mask = np.random.default_rng().random(mask_shape) > 0.3
-    check_against_float64(FAMILIES["flash"], KERNELS, f"{mask_shape=}", mask=mask)
+    seed = new_seed()
+    mask = feature_rng(seed).random(mask_shape) > 0.3
+    check_against_float64(FAMILIES["flash"], KERNELS, f"{mask_shape=}", seed=seed, mask=mask)
 
 
 @pytest.mark.parametrize("family", ["flash", "split_kv", "whole_rows", "recomputed"])
@@ -178,9 +179,10 @@ def test_rows_that_see_no_key(family):
     zero gradients, no NaN anywhere."""
     shape = (2,) + FAMILIES[family][1:]
     batch, seq_q, seq_k, heads = shape[:4]
-    mask = np.random.default_rng().random((batch, heads, seq_q, seq_k)) > 0.5
+    seed = new_seed()
+    mask = feature_rng(seed).random((batch, heads, seq_q, seq_k)) > 0.5
     mask[:, :, ::3] = False
-    check_against_float64(shape, KERNELS, family, mask=mask,
+    check_against_float64(shape, KERNELS, family, seed=seed, mask=mask,
                           key_value_seq_lengths=np.array([0] + [seq_k] * (batch - 1), np.int32))
 
 
@@ -211,9 +213,9 @@ def test_soft_cap_with_logits_beyond_the_cap(dtype):
 
 def test_unordered_segment_ids():
     """Ids that are not in runs: no block is skipped, but the result is exact."""
-    rng = np.random.default_rng()
-    shape = FAMILIES["flash"]
-    check_against_float64(shape, KERNELS, "unordered",
+    shape, seed = FAMILIES["flash"], new_seed()
+    rng = feature_rng(seed)
+    check_against_float64(shape, KERNELS, "unordered", seed=seed,
                           query_segment_ids=rng.integers(0, 3, (2, 45)).astype(np.int32),
                           key_value_segment_ids=rng.integers(0, 3, (2, 53)).astype(np.int32))
 
