@@ -85,15 +85,6 @@ class Problem:
         return self.block_d <= tuning.FLASH_MAX_BLOCK_D[self.itemsize]
 
     @property
-    def splits_key_grads(self):
-        """Whether the flash backward computes dK and dV in two launches of the key-grads
-        kernel rather than one: at head-dim tiles of tuning.SPLIT_KEY_GRADS_BLOCK_D and
-        wider, where the two [BLOCK_N, BLOCK_D] fp32 accumulators of one launch spill
-        and a second Q.K^T per tile may cost less than the spills."""
-        threshold = tuning.SPLIT_KEY_GRADS_BLOCK_D
-        return self.uses_flash_kernel and threshold is not None and self.block_d >= threshold
-
-    @property
     def dot_precision(self):
         # fp32 inputs keep fp32 accuracy (about 1e-6) through 3xTF32 instead of 1xTF32.
         return "tf32x3" if np.dtype(self.dtype) == np.float32 else "tf32"
@@ -553,19 +544,13 @@ def _flash_backward_plan(p):
         _grad_buffers(p, "dq") + (_delta_buffer(p, p.batch * p.num_heads), bias_grad_buffer(p)),
         lambda meta: _flash_grid(p, triton.cdiv(p.seq_q, meta["BLOCK_M"]), p.num_heads),
         dict(metaparams, **_stride_constexprs(p, "O")))
-    key_grads = lambda outputs, dk, dv: Launch(
+    key_grads = Launch(
         flash_backward._flash_key_grads_kernel,
-        ("q", "k", "v", "dout", "lse", "delta") + FEATURE_INPUTS, outputs,
+        ("q", "k", "v", "dout", "lse", "delta") + FEATURE_INPUTS,
+        _grad_buffers(p, "dk", "dv"),
         lambda meta: _flash_grid(p, triton.cdiv(p.seq_k, meta["BLOCK_N"]), p.num_kv_heads),
-        dict(metaparams, DK=dk, DV=dv))
-    if not p.splits_key_grads:
-        return [query_grads, key_grads(_grad_buffers(p, "dk", "dv"), True, True)]
-    # The kernel takes both pointers; the one a launch does not compute is a
-    # one-element buffer that it never writes.
-    unused = lambda name: Buffer(f"unused_{name}", (1,), np.dtype(p.dtype))
-    return [query_grads,
-            key_grads(_grad_buffers(p, "dk") + (unused("dv"),), True, False),
-            key_grads((unused("dk"),) + _grad_buffers(p, "dv"), False, True)]
+        metaparams)
+    return [query_grads, key_grads]
 
 
 def _probs_matmul_launch(p, a, b, out, out_scale, num_sms, start, heads):

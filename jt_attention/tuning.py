@@ -54,12 +54,6 @@ WHOLE_ROW_MAX_KEYS = 512
 # shape, a training benchmark row, still runs whole.
 SCORE_SCRATCH_BYTES = 2 << 30
 
-# Flash backward: head-dim tiles this wide and wider compute dK and dV in two launches
-# (plan.Problem.splits_key_grads); None: never. One launch at D=256 holds 2 x 64 x 256
-# fp32 accumulators and spills at every config (ptxas, sm_90); two do not. Off until
-# timed on the GPU (WORKSPACE_NOTES.md, "Split key grads"); the tests run it at 256.
-SPLIT_KEY_GRADS_BLOCK_D = None
-
 # No config's BLOCK_M, BLOCK_N or BLOCK_R is smaller (tests/test_compile.py checks):
 # it bounds the row blocks on a grid axis (plan.Problem.wide_indexing).
 MIN_BLOCK_ROWS = 16

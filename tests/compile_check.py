@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 
 from jt_attention import plan, tuning
 from jt_attention.features import Features
-from helpers import SPLIT_KEY_GRADS_AT, every_launch  # this script runs from tests/
+from helpers import every_launch  # this script runs from tests/
 
 TARGETS = {"8.9": 89, "9.0": 90}
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "bool": "*i1",
@@ -34,7 +34,8 @@ PROBLEMS = [("float16", 64, True, 300, 257, False), ("bfloat16", 256, False, 300
             ("float16", 264, True, 300, 300, True),  # recomputed P (kv_len > head_dim)
             ("float16", 1024, False, 100, 700, False),  # dK, dV: one query block per group head
             ("bfloat16", 512, False, 256, 512, False),  # persistent GEMM grids
-            ("bfloat16", 64, False, 1, 4096, False)]
+            ("bfloat16", 64, False, 1, 4096, False),
+            ("float32", 64, False, 100, 100, False)]  # two query blocks: the key grads' group loop
 
 
 def every_feature(problem):
@@ -113,31 +114,13 @@ def _skip_assembly(backend=None, stages=None, options=None, language=None, capab
 
 
 def _variants(problem):
-    """(problem, targets, nearest_only, split) to compile: the problem on both targets
-    (with every feature: sm_90 only, the config nearest the limit: see FEATURE_CONFIGS);
-    where the flash kernels may use TMA, their TMA variant for sm_90 (nearest only); and
-    at head-dim tiles of 256, the key grads as two launches (`split`, off by default:
-    tuning.SPLIT_KEY_GRADS_BLOCK_D) for sm_90 (nearest only)."""
+    """(problem, targets, nearest_only) to compile: the problem on both targets (with
+    every feature: sm_90 only, the config nearest the limit: see FEATURE_CONFIGS), and
+    where the flash kernels may use TMA, their TMA variant for sm_90 (nearest only)."""
     features = problem.features.bias != ()
-    yield problem, ("9.0",) if features else tuple(TARGETS), features, False
+    yield problem, ("9.0",) if features else tuple(TARGETS), features
     if problem.tma_eligible:
-        yield plan.with_tma(problem, True), ("9.0",), True, False
-    if problem.uses_flash_kernel and problem.block_d == SPLIT_KEY_GRADS_AT:
-        yield problem, ("9.0",), True, True
-
-
-def _launches(problem, split):
-    """(every launch of the problem, those to compile): all, or only the split key grads
-    (which compute one of dK and dV), or the launches that take TMA."""
-    default = tuning.SPLIT_KEY_GRADS_BLOCK_D
-    tuning.SPLIT_KEY_GRADS_BLOCK_D = SPLIT_KEY_GRADS_AT if split else default
-    launches = every_launch(problem, H100_SMS)
-    tuning.SPLIT_KEY_GRADS_BLOCK_D = default
-    if split:
-        return launches, [l for l in launches if l.metaparams.get("DK") != l.metaparams.get("DV")]
-    if problem.tma:
-        return launches, [launch for launch in launches if "TMA" in launch.metaparams]
-    return launches, launches
+        yield plan.with_tma(problem, True), ("9.0",), True
 
 
 def main():
@@ -147,9 +130,11 @@ def main():
         problem = plan.Problem(2, seq_q, seq_k, 4, 2, head_dim, jnp.dtype(dtype), 0.125, causal)
         if features:
             problem = every_feature(problem)
-        for variant, targets, nearest_only, split in _variants(problem):
-            every, launches = _launches(variant, split)
-            buffer_dtypes = _buffer_dtypes(variant, every)
+        for variant, targets, nearest_only in _variants(problem):
+            launches = every_launch(variant, H100_SMS)
+            buffer_dtypes = _buffer_dtypes(variant, launches)
+            if variant.tma:  # the launches that take it
+                launches = [launch for launch in launches if "TMA" in launch.metaparams]
             for cc in targets:
                 for launch in launches:
                     _compile_configs(launch, variant, buffer_dtypes, cc, nearest_only,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jt_attention
-from jt_attention import features, plan, tuning
+from jt_attention import features, plan
 from jt_attention.interpret import interpreter_enabled
 from jt_attention.reference import attention_reference
 
@@ -26,21 +26,8 @@ def every_launch(problem, num_sms=0):
 
 
 def launch_path(launch):
-    """The kernel's name, marked where its grid is persistent or where it computes only
-    one of dK and dV: what the path tests count."""
-    name = launch.kernel.fn.__name__ + (" persistent" if launch.has_persistent_grid else "")
-    grads = [g for g in ("DK", "DV") if launch.metaparams.get(g)]
-    return name + (f" {grads[0].lower()}" if len(grads) == 1 else "")
-
-
-# The head-dim tile from which the tests run the flash key grads as two launches.
-SPLIT_KEY_GRADS_AT = 256
-
-
-def split_key_grads(monkeypatch):
-    """Runs the flash key grads as two launches, dK and dV, which the package leaves off
-    until timed on the GPU (tuning.SPLIT_KEY_GRADS_BLOCK_D)."""
-    monkeypatch.setattr(tuning, "SPLIT_KEY_GRADS_BLOCK_D", SPLIT_KEY_GRADS_AT)
+    """The kernel's name, marked where its grid is persistent: what the path tests count."""
+    return launch.kernel.fn.__name__ + (" persistent" if launch.has_persistent_grid else "")
 
 
 def kernel_implementation():

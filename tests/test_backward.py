@@ -16,7 +16,7 @@ import jt_attention
 from jt_attention import interpret, plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
                      every_launch, feature_rng, gradient_error, kernel_implementation,
-                     launch_path, plain_operands, random_inputs, relative_error, split_key_grads)
+                     launch_path, plain_operands, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -45,25 +45,15 @@ CASES = [
 ]
 
 
-# The flash key grads as two launches, one for dK and one for dV (off by default until
-# timed on the GPU: tuning.SPLIT_KEY_GRADS_BLOCK_D). Shapes of their own: the package's
-# jitted launches do not key on the switch.
-SPLIT_CASES = [(1, 35, 50, 2, 2, 256, "float16", True),
-               (2, 20, 45, 4, 2, 160, "bfloat16", False)]  # grouped, head dim < tile
-
-
-def test_cases_take_every_backward_path(monkeypatch):
-    split_key_grads(monkeypatch)
+def test_cases_take_every_backward_path():
     kernels = set()
-    for b, sq, sk, n, k, d, dtype, causal in CASES + SPLIT_CASES:
+    for b, sq, sk, n, k, d, dtype, causal in CASES:
         problem = plan.Problem(b, sq, sk, n, k, d, np.dtype(DTYPES[dtype]), 0.1, causal)
         kernels.update(map(launch_path, plan.backward_plan(problem, interpret.INTERPRETER_SMS)))
     assert kernels == {kernel.fn.__name__ for kernel in tuning.KERNEL_TUNING} - {
         "_flash_forward_kernel", "_split_kv_kernel", "_split_kv_combine_kernel",
         "_row_softmax_kernel", "_score_tiles_kernel", "_weighted_values_kernel",
-        "_weighted_values_keeping_probs_kernel"} | {"_probs_matmul_kernel persistent",
-                                                    "_flash_key_grads_kernel dk",
-                                                    "_flash_key_grads_kernel dv"}
+        "_weighted_values_keeping_probs_kernel"} | {"_probs_matmul_kernel persistent"}
 
 
 def _case_id(case):
@@ -89,12 +79,6 @@ def test_gradients_match_float64(case):
     for name, grad, want, x in zip("qkv", grads, expected, (q, k, v)):
         assert grad.shape == x.shape and grad.dtype == x.dtype, name
         assert gradient_error(grad, want) < TOLERANCE[dtype], f"d{name} {seed=}"
-
-
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=_case_id)
-def test_split_key_grads_match_float64(case, monkeypatch):
-    split_key_grads(monkeypatch)
-    test_gradients_match_float64(case)
 
 
 @pytest.mark.parametrize("head_dim", [32, 320])

@@ -21,7 +21,7 @@ from jt_attention.kernels import masking
 from jt_attention.features import Features
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
                      check_against_float64, feature_rng, kernel_implementation,
-                     launch_path, new_seed, random_inputs, relative_error, split_key_grads)
+                     new_seed, random_inputs, relative_error)
 
 KERNELS = kernel_implementation()
 IMPLEMENTATIONS = [KERNELS, "xla"]
@@ -30,7 +30,7 @@ IMPLEMENTATIONS = [KERNELS, "xla"]
 FAMILIES = {
     "flash": (2, 45, 53, 4, 2, 32, "float16"),
     "flash_tma": (2, 45, 53, 4, 2, 32, "float16"),        # the same kernels through TMA
-    "flash_wide": (2, 33, 40, 4, 2, 160, "bfloat16"),     # dK and dV in two launches (forced)
+    "flash_wide": (2, 33, 40, 4, 2, 160, "bfloat16"),     # the same at a 256-wide head tile
     "split_kv": (1, 5, 1100, 2, 1, 64, "bfloat16"),        # decoding: split-KV + combine
     "whole_rows": (1, 40, 50, 2, 2, 264, "float16"),       # two-pass, whole rows, P kept
     "tiled_kept": (1, 37, 60, 2, 1, 72, "float32"),        # two-pass tiles, P kept
@@ -96,11 +96,9 @@ FEATURE_SETS = ["bias", "mask", "lengths", "window", "soft_cap", "segments", "dr
 # and soft-cap (dropout takes the flash kernels: plan.Problem.kv_slices). The 'xla'
 # path is the reference itself, in float32: it runs
 # through the API with everything at once, and with dropout (its own mask draw).
-# The wide flash family shares the flash kernels' block skipping; what its split key
-# grads change is where the bias, soft-cap and dropout enter dK and dV.
 TWO_PASS_SETS = ["bias", "soft_cap", "dropout", "everything"]
 FAMILY_SETS = dict(flash=FEATURE_SETS, split_kv=["bias", "lengths", "soft_cap", "everything"],
-                   flash_tma=["bias", "lengths", "everything"], flash_wide=TWO_PASS_SETS)
+                   flash_tma=["bias", "lengths", "everything"], flash_wide=["bias", "everything"])
 BATTERY = [(KERNELS, family, feature) for family in FAMILIES
            for feature in FAMILY_SETS.get(family, TWO_PASS_SETS)]
 BATTERY += [("xla", "flash", feature) for feature in ("dropout", "everything")]
@@ -113,19 +111,15 @@ BATTERY = [pytest.param(*case, marks=pytest.mark.int_overflow_checks)
 def test_feature_in_every_family(feature, family, implementation, monkeypatch):
     if family == "flash_tma":  # the interpreter runs the TMA variant where asked to
         monkeypatch.setenv(plan.TMA_ENVIRONMENT, "1")
-    if family == "flash_wide":
-        split_key_grads(monkeypatch)
     shape, seed = FAMILIES[family], new_seed()
     kwargs = feature_kwargs(feature, shape, feature_rng(seed))
     check_against_float64(shape, implementation, f"{feature=} {family=}", seed=seed, **kwargs)
 
 
-def test_families_take_their_kernels(monkeypatch):
+def test_families_take_their_kernels():
     """Each family's features problem runs the kernels it is named for."""
-    split_key_grads(monkeypatch)  # no other family's head dim reaches it
     expected = {"flash": "_flash_forward_kernel", "flash_tma": "_flash_forward_kernel",
-                "flash_wide": "_flash_key_grads_kernel dv",
-                "split_kv": "_split_kv_kernel",
+                "flash_wide": "_flash_key_grads_kernel", "split_kv": "_split_kv_kernel",
                 "whole_rows": "_row_softmax_kernel",
                 "tiled_kept": "_weighted_values_keeping_probs_kernel",
                 "recomputed": "_score_grads_kernel"}  # without soft-cap or dropout
@@ -135,7 +129,7 @@ def test_families_take_their_kernels(monkeypatch):
                                                  bias_grad=True))
         problem = plan.with_tma(problem, family == "flash_tma")
         launches = plan.forward_plan(problem, for_backward=True) + plan.backward_plan(problem)
-        names = {l.kernel.fn.__name__ for l in launches} | set(map(launch_path, launches))
+        names = {l.kernel.fn.__name__ for l in launches}
         assert expected[family] in names, (family, names)
         tma = {l.metaparams["TMA"] for l in launches if "TMA" in l.metaparams}
         assert tma == ({True} if family == "flash_tma" else tma - {True}), (family, tma)

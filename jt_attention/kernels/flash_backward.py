@@ -7,9 +7,6 @@ Q, K or V:
 - `_flash_key_grads_kernel`: one program per (BLOCK_N keys, batch·kv head) keeps
   dK and dV for its keys in registers and streams the query blocks of every query
   head in its group (grouped-query attention sums there, not in a second pass).
-  Where plan.Problem.splits_key_grads, it runs twice, for dK and for dV: one more
-  Q.K^T per tile, and no spills at head-dim tiles of 256, where the two fp32
-  accumulators of one launch spill.
 - `_flash_query_grads_kernel`: one program per (BLOCK_M queries, batch·head) keeps
   dQ and streams the key blocks, like the forward. It runs first and also writes
   delta = rowsum(dO * O) - dlse for its rows (it holds those dO rows anyway), which
@@ -45,9 +42,8 @@ def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m
                     SEQ_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     STRIDE_QS: tl.constexpr, STRIDE_DOS: tl.constexpr, MASKED: tl.constexpr,
                     RAGGED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    TMA: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
-    """dV += P^T . dO (if DV) and dK += dS^T . Q (if DK) for queries
-    [start_m, start_m + BLOCK_M).
+                    TMA: tl.constexpr):
+    """dV += P^T . dO and dK += dS^T . Q for queries [start_m, start_m + BLOCK_M).
 
     Works on transposed tiles ([keys, queries]) so no tile needs a transpose of a
     product. MASKED applies masking.visible (with the queries' key spans `spans`);
@@ -72,23 +68,19 @@ def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m
                                key_segments_base, mask_base, NUM_HEADS, SEQ_Q, SEQ_K, SEGMENTS,
                                MASK_LAYOUT)
         probs_t = tl.where(keep, probs_t, 0.0)
-    if DK:
-        dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
-    kept_t = probs_t  # dV takes the kept probabilities, dS the kept dP
-    if DROPOUT_THRESHOLD:
+    dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+    if DROPOUT_THRESHOLD:  # dV takes the kept probabilities, dS the kept dP
         dropped_t = masking.dropout_multiplier(
             seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, start_m,
             offs_m.shape[0], start_n, keys.shape[0], True, NUM_HEADS, SEQ_Q, SEQ_K,
             DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
-        kept_t = probs_t * dropped_t
-    if DV:
-        dv = tl.dot(kept_t.to(dout.dtype), dout, dv, input_precision=DOT_PRECISION)
-    if DK:
-        if DROPOUT_THRESHOLD:
-            dprobs_t = dprobs_t * dropped_t
-        dscores_t = probs_t * (dprobs_t - delta[None, :]) * cap_grad_t
-        dk = tl.dot(dscores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    return dk, dv
+        dv = tl.dot((probs_t * dropped_t).to(dout.dtype), dout, dv,
+                    input_precision=DOT_PRECISION)
+        dprobs_t = dprobs_t * dropped_t
+    else:
+        dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision=DOT_PRECISION)
+    dscores_t = probs_t * (dprobs_t - delta[None, :]) * cap_grad_t
+    return tl.dot(dscores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION), dv
 
 
 @triton.jit
@@ -108,13 +100,11 @@ def _flash_key_grads_kernel(
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
     DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """programs (cdiv(SEQ_K, BLOCK_N), batch * NUM_KV_HEADS), or tiles.block_coords'
-    batch-inner grid; dk and dv are shaped like k. DK, DV: which of them this launch
-    computes (the other's pointer is never written): both, or one in each of two
-    launches (plan.Problem.splits_key_grads)."""
+    batch-inner grid; dk and dv are shaped like k."""
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // KV_GROUP
     KEY_BLOCKS: tl.constexpr = (SEQ_K + BLOCK_N - 1) // BLOCK_N
     key_block, batch_kv_head = block_coords(KEY_BLOCKS, NUM_KV_HEADS, BATCH, BATCH_INNER,
@@ -145,7 +135,11 @@ def _flash_key_grads_kernel(
     q_segments_base = q_segments_ptr + batch * SEQ_Q
     key_segments_base = k_segments_ptr + batch * SEQ_K
 
-    for group_member in range(KV_GROUP):
+    # Never pipelined: where the query loops below shrink to one step each (too few
+    # query blocks, bounds known at compile time), the compiler pipelined this loop
+    # instead, holding both steps' Q and dO tiles num_stages deep (WORKSPACE_NOTES.md,
+    # "Key grads: the group loop pipelined").
+    for group_member in tl.range(KV_GROUP, num_stages=1):
         head = kv_head * KV_GROUP + group_member
         q_base = q_ptr + batch * STRIDE_QB + head * STRIDE_QH
         q_rows = tile_source(q_base, offs_m, offs_d, STRIDE_QS, SEQ_Q, HEAD_DIM, TMA)
@@ -170,20 +164,17 @@ def _flash_key_grads_kernel(
                     batch * NUM_HEADS + head, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
                     DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                     IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
-                    BLOCK_D, STRIDE_QS, STRIDE_DOS, stretch != 1, RAGGED_ROWS, DOT_PRECISION, TMA,
-                    DK, DV)
+                    BLOCK_D, STRIDE_QS, STRIDE_DOS, stretch != 1, RAGGED_ROWS, DOT_PRECISION, TMA)
 
-    if DK:
-        dk *= SCALE
-        store_to(rows_source(dk_ptr + k_base + kv_offsets, dk_ptr + k_base, STRIDE_KS, SEQ_K,
-                             HEAD_DIM, TMA),
-                 start_n * TMA, dk.to(dk_ptr.dtype.element_ty), keys, offs_d, STRIDE_KS,
-                 SEQ_K, HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM, TMA)
-    if DV:
-        store_to(rows_source(dv_ptr + v_base + kv_offsets, dv_ptr + v_base, STRIDE_VS, SEQ_K,
-                             HEAD_DIM, TMA),
-                 start_n * TMA, dv.to(dv_ptr.dtype.element_ty), keys, offs_d, STRIDE_VS,
-                 SEQ_K, HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM, TMA)
+    dk *= SCALE
+    store_to(rows_source(dk_ptr + k_base + kv_offsets, dk_ptr + k_base, STRIDE_KS, SEQ_K,
+                         HEAD_DIM, TMA),
+             start_n * TMA, dk.to(dk_ptr.dtype.element_ty), keys, offs_d, STRIDE_KS, SEQ_K,
+             HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM, TMA)
+    store_to(rows_source(dv_ptr + v_base + kv_offsets, dv_ptr + v_base, STRIDE_VS, SEQ_K,
+                         HEAD_DIM, TMA),
+             start_n * TMA, dv.to(dv_ptr.dtype.element_ty), keys, offs_d, STRIDE_VS, SEQ_K,
+             HEAD_DIM, RAGGED_KEYS, BLOCK_D != HEAD_DIM, TMA)
 
 
 @triton.jit
