@@ -12,9 +12,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import triton
 
 from jt_attention import compile_cache, plan, tuning
-from jt_attention.log import logger
+from jt_attention.kernels import probs_matmul, tiles, two_pass_forward
+from jt_attention.log import log_once, logger
 from jt_attention.plan import backward_outputs, backward_plan, forward_outputs, forward_plan
 
 
@@ -131,6 +133,14 @@ def _specializer_without_torch():
         sys.meta_path.remove(refuse)
 
 
+def _runs_unpipelined(launch):
+    """Whether some of this launch's loops run unpipelined on this Triton
+    (tiles.REGISTER_A_STAGES: before 3.9, a wgmma register hazard)."""
+    return tiles.REGISTER_A_STAGES.value is not None and launch.kernel in (
+        probs_matmul._probs_matmul_kernel, two_pass_forward._weighted_values_kernel,
+        two_pass_forward._weighted_values_keeping_probs_kernel)
+
+
 def _run_launches(launches, buffers, problem):
     """Launches each kernel in turn; `buffers` (name -> array) gains their outputs."""
     import jax_triton
@@ -139,6 +149,11 @@ def _run_launches(launches, buffers, problem):
     _specializer_without_torch()
     previous = ()
     for launch in launches:
+        if _runs_unpipelined(launch):
+            log_once(f"jt_attention: Triton {triton.__version__} (before 3.9) can overwrite a "
+                     "matrix operand in registers while a Hopper wgmma reads it, so the "
+                     "two-pass kernels' masked and P.V loops run unpipelined (slower; Triton "
+                     "3.9 or later runs them pipelined)")
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.footprint,
                                   launch.has_persistent_grid)
         out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]

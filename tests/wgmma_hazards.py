@@ -1,10 +1,13 @@
 """Looks for wgmma register-operand hazards in the compiled kernels, without a GPU.
 
 A Hopper wgmma whose A operand sits in registers reads them asynchronously: nothing may
-write those registers until a `wgmma.wait_group` has retired it. Triton 3.6 pipelines
-such wgmmas in loops without keeping their registers alive up to that wait, so the next
-step can overwrite them mid-read (triton-lang/triton issue 9433, fixed by pull request
-9514). WORKSPACE_NOTES.md ("A GPU-only wrong result") tells what this found.
+write those registers until a `wgmma.wait_group` has retired it. Triton before 3.9
+pipelines such wgmmas in loops without keeping their registers alive up to that wait,
+so the next step can overwrite them mid-read (triton-lang/triton issue 9433, fixed by
+pull request 9514). The package runs the loops where it happened unpipelined on those
+Tritons (kernels/tiles.REGISTER_A_STAGES); this checks that no hazard is left, with
+whichever Triton is first on the path. WORKSPACE_NOTES.md ("A GPU-only wrong result")
+tells what it found.
 
 For each launch and fitting H100 config of a few problems: compile for sm_90a, assemble
 with the ptxas that ships with Triton, disassemble, and walk the SASS (each backward

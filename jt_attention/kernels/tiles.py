@@ -12,6 +12,19 @@ import triton
 import triton.language as tl
 
 
+def _triton_before(major, minor):
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) < (major, minor)
+
+
+# Triton before 3.9 lets a wgmma whose A operand sits in registers run on past its loop
+# step, and the next step may overwrite those registers while it still reads them
+# (triton-lang/triton issue 9433, fixed by pull request 9514; compiled for sm_90a, 3.6,
+# 3.7.1 and 3.8.0 show it and 3.9.0 does not: WORKSPACE_NOTES.md, "A GPU-only wrong
+# result"). Loops whose dot takes a tile changed in registers run unpipelined there
+# (num_stages 1); None keeps the config's stages.
+REGISTER_A_STAGES = tl.constexpr(1 if _triton_before(3, 9) else None)
+
+
 @triton.jit
 def grid_coords(FAST: tl.constexpr, MIDDLE: tl.constexpr, WIDE_INDEXING: tl.constexpr):
     """(fast, middle, slow) coordinates of this program; `slow` is the batch·head.
