@@ -287,8 +287,9 @@ def _probs_matmul_shared_bytes(config, block_d, itemsize):
     tile = blocks["BLOCK_C"] * (blocks["BLOCK_R"] + blocks["BLOCK_D"])
     # The persistent grid's flattened loop holds one more B block (sm_90, Triton 3.6).
     persistent = blocks["PERSISTENT"] * blocks["BLOCK_C"] * blocks["BLOCK_D"]
+    # fp32: A is staged three times where it is transposed or masked (sm_90, Triton 3.9)
     return ((tile * config.num_stages + persistent) * itemsize
-            + _fp32_staging_bytes(blocks["BLOCK_R"], blocks["BLOCK_C"], itemsize))
+            + _fp32_staging_bytes(blocks["BLOCK_R"], blocks["BLOCK_C"], itemsize, copies=3))
 
 
 class Footprint(NamedTuple):
