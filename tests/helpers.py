@@ -45,6 +45,12 @@ def feature_rng(seed):
     return np.random.default_rng([1, seed])
 
 
+def random_cotangent(shape, dtype, seed):
+    """A cotangent (dO, dlse) for the inputs of `seed`, from a stream of its own:
+    random_inputs' stream would give dO = Q."""
+    return np.random.default_rng([2, seed]).standard_normal(shape).astype(DTYPES[dtype])
+
+
 def random_inputs(batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, dtype, seed=None):
     """Random q, k, v (from a new seed unless given); returns them and the seed."""
     seed = new_seed() if seed is None else seed
@@ -192,7 +198,7 @@ def check_against_float64(shape, implementation, seed_note="", with_grads=True, 
     assert np.all(np.asarray(out)[~seen] == 0), f"rows that see no key must be 0 {where}"
     if not with_grads:
         return
-    dout = np.random.default_rng(seed).standard_normal(q.shape).astype(DTYPES[dtype])
+    dout = random_cotangent(q.shape, dtype, seed)
     grads = vjp((jnp.asarray(dout), jnp.zeros_like(lse, dtype=q.dtype)))
     wanted = attention_grads_float64(q, k, v, dout, scale, is_causal, bias=bias, **kwargs)
     # delta's shift from the rounded output enters the gradients as an lse cotangent would

@@ -15,8 +15,8 @@ from jax.test_util import check_grads
 import jt_attention
 from jt_attention import interpret, plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
-                     every_launch, feature_rng, gradient_error, kernel_implementation,
-                     launch_path, plain_operands, random_inputs, relative_error)
+                     every_launch, gradient_error, kernel_implementation, launch_path,
+                     plain_operands, random_cotangent, random_inputs, relative_error)
 
 IMPL = kernel_implementation()
 
@@ -61,16 +61,11 @@ def _case_id(case):
     return f"b{b}-q{sq}-k{sk}-h{n}/{k}-d{d}-{dtype}{'-causal' if causal else ''}"
 
 
-def _cotangent(shape, dtype, seed):
-    """A random cotangent, remade from the seed that a failure prints."""
-    return feature_rng(seed).standard_normal(shape).astype(DTYPES[dtype])
-
-
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_gradients_match_float64(case):
     batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype, causal = case
     (q, k, v), seed = random_inputs(batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype)
-    dout = _cotangent(q.shape, dtype, seed)
+    dout = random_cotangent(q.shape, dtype, seed)
     attend = lambda q, k, v: jt_attention.dot_product_attention(
         q, k, v, is_causal=causal, implementation=IMPL)
     _, vjp = jax.vjp(attend, q, k, v)
@@ -85,8 +80,8 @@ def test_gradients_match_float64(case):
 def test_logsumexp_gradient(head_dim):
     """return_residual's logsumexp is differentiable too, as in jax.nn."""
     (q, k, v), seed = random_inputs(1, 21, 26, 2, 2, head_dim, "float32")
-    dout = _cotangent(q.shape, "float32", seed)
-    dlse = _cotangent(q.shape[:3], "float32", seed + 1)
+    dout = random_cotangent(q.shape, "float32", seed)
+    dlse = random_cotangent(q.shape[:3], "float32", seed + 1)
     attend = lambda q, k, v: jt_attention.dot_product_attention(
         q, k, v, is_causal=True, implementation=IMPL, return_residual=True)
     _, vjp = jax.vjp(attend, q, k, v)
@@ -135,7 +130,7 @@ def test_vmap(head_dim):
     """jax.vmap folds the mapped axis into the batch: all inputs mapped or only the
     queries, nested, and under jax.grad either way round."""
     (q, k, v), seed = random_inputs(6, 9, 11, 2, 1, head_dim, "float32")
-    dout = _cotangent(q.shape, "float32", seed)
+    dout = random_cotangent(q.shape, "float32", seed)
     split = lambda x: x.reshape(3, 2, *x.shape[1:])  # a mapped axis of 3 over batch 2
     attend = lambda q, k, v: jt_attention.dot_product_attention(
         q, k, v, is_causal=True, implementation=IMPL)
@@ -165,7 +160,7 @@ def test_vmap(head_dim):
 def test_heads_major_gradients(head_dim):
     """Gradients through the [B, H, S, D] entry point come back in that layout."""
     (q, k, v), seed = random_inputs(1, 23, 31, 2, 2, head_dim, "float32")
-    dout = _cotangent(q.shape, "float32", seed)
+    dout = random_cotangent(q.shape, "float32", seed)
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)
     attend = lambda q, k, v: jt_attention.scaled_dot_product_attention(
         q, k, v, is_causal=True, implementation=IMPL)
@@ -183,7 +178,7 @@ def test_gpu_block_sizes_in_interpreter(head_dim, causal, seq_k):
     """Every shipped config of the forward for a backward pass and of the backward, run
     by the interpreter on sequences that cross its blocks."""
     (q, k, v), seed = random_inputs(1, 150, seq_k, 2, 1, head_dim, "float16")
-    dout = _cotangent(q.shape, "float16", seed)
+    dout = random_cotangent(q.shape, "float16", seed)
     problem = plan.Problem(1, 150, seq_k, 2, 1, head_dim, np.dtype(np.float16),
                            1 / np.sqrt(head_dim), causal)
     launches = plan.forward_plan(problem, for_backward=True) + plan.backward_plan(problem)
@@ -216,7 +211,7 @@ GPU_SWEEP = [
 @pytest.mark.parametrize("head_dim,dtype,causal,seq_q,seq_k", GPU_SWEEP, ids=lambda x: str(x))
 def test_sweep_matches_jax_nn_on_gpu(head_dim, dtype, causal, seq_q, seq_k):
     (q, k, v), seed = random_inputs(2, seq_q, seq_k, 4, 2, head_dim, dtype)
-    dout = jnp.asarray(_cotangent(q.shape, dtype, seed))
+    dout = jnp.asarray(random_cotangent(q.shape, dtype, seed))
 
     def grads(implementation):
         attend = lambda q, k, v: (jt_attention.dot_product_attention if implementation == IMPL
@@ -245,7 +240,7 @@ def test_every_config_on_gpu(monkeypatch, head_dim, dtype, causal, seq_q, seq_k)
     must never be able to pick a config that computes a wrong result (2026-11-24 found
     one that did on the seed workload: WORKSPACE_NOTES.md)."""
     (q, k, v), seed = random_inputs(2, seq_q, seq_k, 4, 4, head_dim, dtype)
-    dout = _cotangent(q.shape, dtype, seed)
+    dout = random_cotangent(q.shape, dtype, seed)
     problem = plan.Problem(2, seq_q, seq_k, 4, 4, head_dim, np.dtype(DTYPES[dtype]),
                            1 / np.sqrt(head_dim), causal)
     out_want, _ = attention_float64(q, k, v, problem.scale, causal)

@@ -15,7 +15,8 @@ import pytest
 import jt_attention
 from jt_attention import plan, tuning
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
-                     gradient_error, kernel_implementation, random_inputs, relative_error)
+                     gradient_error, kernel_implementation, random_cotangent, random_inputs,
+                     relative_error)
 
 IMPL = kernel_implementation()
 
@@ -79,7 +80,7 @@ def test_chunked_forward_and_gradients_match_float64(case, monkeypatch):
     monkeypatch.setattr(tuning, "SCORE_SCRATCH_BYTES", _budget(case))
     batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype, causal, _ = case
     (q, k, v), seed = random_inputs(batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype)
-    dout = np.random.default_rng(seed).standard_normal(q.shape).astype(DTYPES[dtype])
+    dout = random_cotangent(q.shape, dtype, seed)
     attend = lambda q, k, v: jt_attention.dot_product_attention(
         q, k, v, is_causal=causal, implementation=IMPL, return_residual=True)
     (out, lse), vjp = jax.vjp(attend, q, k, v)

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 import jt_attention
 from helpers import (DTYPES, TOLERANCE, attention_float64, attention_grads_float64,
-                     kernel_implementation, random_inputs, relative_error)
+                     feature_rng, kernel_implementation, random_inputs, relative_error)
 
 KERNELS = kernel_implementation()
 AXIS = "ring"
@@ -88,7 +88,7 @@ def check_ring(num_devices, is_causal, layout, shape=(1, 2, 2, 16, "float32"), p
     batch, heads, kv_heads, head_dim, dtype = shape
     seq = per_device * num_devices
     (q, k, v), seed = random_inputs(batch, seq, seq, heads, kv_heads, head_dim, dtype)
-    rng = np.random.default_rng(seed)
+    rng = feature_rng(seed)  # apart from the inputs' stream
     features = features_of(rng, batch, seq) if features_of else {}
     where = f"{seed=} {num_devices=} {is_causal=} {layout=}"
     # The layout is data preparation, outside the jitted function: inside, it would be
