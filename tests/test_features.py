@@ -96,6 +96,8 @@ FEATURE_SETS = ["bias", "mask", "lengths", "window", "soft_cap", "segments", "dr
 # and soft-cap (dropout takes the flash kernels: plan.Problem.kv_slices). The 'xla'
 # path is the reference itself, in float32: it runs
 # through the API with everything at once, and with dropout (its own mask draw).
+# The wide flash family runs the flash kernels at a 256-wide head tile with 33
+# queries and grouped heads, where the key grads once outgrew shared memory.
 TWO_PASS_SETS = ["bias", "soft_cap", "dropout", "everything"]
 FAMILY_SETS = dict(flash=FEATURE_SETS, split_kv=["bias", "lengths", "soft_cap", "everything"],
                    flash_tma=["bias", "lengths", "everything"], flash_wide=["bias", "everything"])
