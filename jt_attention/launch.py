@@ -133,10 +133,10 @@ def _specializer_without_torch():
         sys.meta_path.remove(refuse)
 
 
-def _runs_unpipelined(launch):
-    """Whether some of this launch's loops run unpipelined on this Triton
-    (tiles.REGISTER_A_STAGES: before 3.9, a wgmma register hazard)."""
-    return tiles.REGISTER_A_STAGES.value is not None and launch.kernel in (
+def _drains_register_dots(launch):
+    """Whether this launch's loops wait for each step's dot on this Triton
+    (tiles.drained: before 3.9, a wgmma register hazard)."""
+    return tiles.REGISTER_A_RACES.value and launch.kernel in (
         probs_matmul._probs_matmul_kernel, two_pass_forward._weighted_values_kernel,
         two_pass_forward._weighted_values_keeping_probs_kernel)
 
@@ -149,11 +149,11 @@ def _run_launches(launches, buffers, problem):
     _specializer_without_torch()
     previous = ()
     for launch in launches:
-        if _runs_unpipelined(launch):
+        if _drains_register_dots(launch):
             log_once(f"jt_attention: Triton {triton.__version__} (before 3.9) can overwrite a "
                      "matrix operand in registers while a Hopper wgmma reads it, so the "
-                     "two-pass kernels' masked and P.V loops run unpipelined (slower; Triton "
-                     "3.9 or later runs them pipelined)")
+                     "two-pass kernels' masked and P.V loops finish each step's matrix "
+                     "multiply before the next step (slower; Triton 3.9 or later overlaps them)")
         kernel = tuning.autotuned(launch.kernel, compute_capability(), problem.footprint,
                                   launch.has_persistent_grid)
         out_types = [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in launch.outputs]

@@ -175,21 +175,20 @@ def test_wide_indexing_only_past_the_limits():
 
 @pytest.mark.parametrize("version,racing", [("3.6.0", True), ("3.8.0", True),
                                             ("3.9.0", False), ("3.10.1", False)])
-def test_register_operand_loops_unpipelined_where_triton_races(version, racing, monkeypatch):
+def test_register_operand_dots_drained_where_triton_races(version, racing, monkeypatch):
     """Triton before 3.9 can overwrite a wgmma's register operand mid-read
-    (kernels/tiles.REGISTER_A_STAGES): there the two-pass GEMM and weighted-values
-    launches, and no flash launch, run such loops unpipelined and log it (launch.py)."""
+    (kernels/tiles.drained): there the two-pass GEMM and weighted-values launches, and
+    no flash launch, wait for each step's dot and log it (launch.py)."""
     from jt_attention import launch
     from jt_attention.kernels import tiles
 
     monkeypatch.setattr(triton, "__version__", version)
     assert tiles._triton_before(3, 9) == racing
-    monkeypatch.setattr(tiles, "REGISTER_A_STAGES", triton.language.constexpr(
-        1 if racing else None))
+    monkeypatch.setattr(tiles, "REGISTER_A_RACES", triton.language.constexpr(racing))
     for head_dim, seq in ((1024, 700), (128, 700)):  # two-pass with score tiles; flash
         problem = plan.Problem(1, seq, seq, 2, 2, head_dim, "float16", 0.1, True)
-        unpipelined = {l.kernel.fn.__name__ for l in every_launch(problem)
-                       if launch._runs_unpipelined(l)}
+        drained = {l.kernel.fn.__name__ for l in every_launch(problem)
+                   if launch._drains_register_dots(l)}
         expected = ({"_probs_matmul_kernel", "_weighted_values_kernel",
                      "_weighted_values_keeping_probs_kernel"} if head_dim > 256 else set())
-        assert unpipelined == (expected if racing else set()), (head_dim, unpipelined)
+        assert drained == (expected if racing else set()), (head_dim, drained)

@@ -4,8 +4,8 @@ A Hopper wgmma whose A operand sits in registers reads them asynchronously: noth
 write those registers until a `wgmma.wait_group` has retired it. Triton before 3.9
 pipelines such wgmmas in loops without keeping their registers alive up to that wait,
 so the next step can overwrite them mid-read (triton-lang/triton issue 9433, fixed by
-pull request 9514). The package runs the loops where it happened unpipelined on those
-Tritons (kernels/tiles.REGISTER_A_STAGES); this checks that no hazard is left, with
+pull request 9514). On those Tritons the package makes the loops where it happened wait
+for each step's dot (kernels/tiles.drained); this checks that no hazard is left, with
 whichever Triton is first on the path. WORKSPACE_NOTES.md ("A GPU-only wrong result")
 tells what it found.
 

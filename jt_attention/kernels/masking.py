@@ -33,9 +33,8 @@ SPANS) are features.layout codes: PRESENT and the dims an operand has; 0 for non
 
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from jt_attention.kernels.tiles import grid_coords
+from jt_attention.kernels.tiles import INTERPRETED, grid_coords
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -370,7 +369,7 @@ def _tanh(x, APPROX: tl.constexpr):
     not in Triton's interpreter, nor inline PTX): two special-function operations and a
     division, which bound the soft-capped flash kernels at head dim 128
     (WORKSPACE_NOTES.md, "Soft-cap with the approximate tanh")."""
-    if APPROX and not _INTERPRETED:
+    if APPROX and not INTERPRETED:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
@@ -520,7 +519,3 @@ def store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, MODE: tl.conste
         else:
             tl.atomic_add(base, tl.sum(tl.sum(dlogits, 1), 0), sem="relaxed")
 
-
-# Whether these functions run in Triton's interpreter (TRITON_INTERPRET=1 when triton
-# decorated them), which has no inline PTX.
-_INTERPRETED: tl.constexpr = tl.constexpr(isinstance(logits, InterpretedFunction))

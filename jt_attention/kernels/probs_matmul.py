@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from jt_attention.kernels import masking
-from jt_attention.kernels.tiles import (REGISTER_A_STAGES, grid_coords, load_tile, row_step,
-                                        store_tile, tile_ptrs)
+from jt_attention.kernels.tiles import (drained, grid_coords, load_tile, row_step, store_tile,
+                                        tile_ptrs)
 
 
 @triton.jit
@@ -50,7 +50,10 @@ def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d, spans
             a = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), a, 0.0)
     b = load_tile(b_ptrs + row_step(start_c, STRIDE_BS, REDUCED), cols, offs_d, REDUCED, 0,
                   RAGGED_REDUCED, False)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if MASKED:
+        acc = drained(acc)
+    return acc
 
 
 @triton.jit
@@ -178,8 +181,7 @@ def _probs_matmul_tile(
             full_end = min(full_end, start_r + REDUCED)
         b_ptrs = tile_ptrs(b_ptr + batch * STRIDE_BB + b_head * STRIDE_BH, offs_c, read_d,
                            STRIDE_BS, REDUCED)
-        # the masked steps select A in registers before the dot (tiles.REGISTER_A_STAGES)
-        for start_c in tl.range(start, full_start, BLOCK_C, num_stages=REGISTER_A_STAGES):
+        for start_c in range(start, full_start, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
                                      key_spans, REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
                                      True, RAGGED_REDUCED, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
@@ -189,7 +191,7 @@ def _probs_matmul_tile(
                                      key_spans, REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
                                      False, False, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,
                                      WINDOW_RIGHT, SPANS, DOT_PRECISION)
-        for start_c in tl.range(full_end, stop, BLOCK_C, num_stages=REGISTER_A_STAGES):
+        for start_c in range(full_end, stop, BLOCK_C):
             acc = _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d,
                                      key_spans, REDUCED, PROBS_STRIDE, STRIDE_BS, TRANSPOSE_A,
                                      True, RAGGED_REDUCED, SEQ_Q, SEQ_K, IS_CAUSAL, WINDOW_LEFT,

@@ -10,6 +10,7 @@ fp16) run on a one-dimensional grid with 64-bit offsets (`grid_coords`,
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 
 def _triton_before(major, minor):
@@ -20,9 +21,22 @@ def _triton_before(major, minor):
 # step, and the next step may overwrite those registers while it still reads them
 # (triton-lang/triton issue 9433, fixed by pull request 9514; compiled for sm_90a, 3.6,
 # 3.7.1 and 3.8.0 show it and 3.9.0 does not: WORKSPACE_NOTES.md, "A GPU-only wrong
-# result"). Loops whose dot takes a tile changed in registers run unpipelined there
-# (num_stages 1); None keeps the config's stages.
-REGISTER_A_STAGES = tl.constexpr(1 if _triton_before(3, 9) else None)
+# result"). Loops whose dot takes a tile changed in registers pass its result through
+# `drained` there.
+REGISTER_A_RACES = tl.constexpr(_triton_before(3, 9))
+
+
+@triton.jit
+def drained(acc):
+    """acc, the result of a dot, through a PTX mov where REGISTER_A_RACES (ptxas folds
+    the mov away). A use of the result inside the loop makes Triton wait for the dot
+    before the step ends (wgmma.wait_group 0) rather than leave it in flight, while the
+    loop's loads stay pipelined: the next step cannot overwrite the dot's operands."""
+    if REGISTER_A_RACES and not INTERPRETED:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=acc.dtype,
+                                         is_pure=True, pack=1)
+    else:
+        return acc
 
 
 @triton.jit
@@ -231,3 +245,8 @@ def rows_dot_cols(a_base, b_base, a_rows, b_rows, A_ROWS: tl.constexpr, B_ROWS: 
         b = load_tile(b_ptrs + start_k, b_rows, dims, 0, HEAD_DIM, False, RAGGED_DIM)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+# Whether these functions run in Triton's interpreter (TRITON_INTERPRET=1 when triton
+# decorated them), which has no inline PTX.
+INTERPRETED: tl.constexpr = tl.constexpr(isinstance(grid_coords, InterpretedFunction))

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from jt_attention.kernels import masking
-from jt_attention.kernels.tiles import (REGISTER_A_STAGES, grid_coords, load_tile, row_step,
-                                        rows_dot_cols, store_tile, tile_ptrs)
+from jt_attention.kernels.tiles import (drained, grid_coords, load_tile, row_step, rows_dot_cols,
+                                        store_tile, tile_ptrs)
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, ro
                          0.0)
     v = load_tile(v_ptrs + row_step(start_n, STRIDE_VS, SEQ_K), cols, offs_d, SEQ_K, HEAD_DIM,
                   RAGGED_KEYS, RAGGED_DIM)
-    return tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return drained(tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION))
 
 
 @triton.jit
@@ -337,18 +337,17 @@ def _weighted_values(
         RAGGED_DIM: tl.constexpr = HEAD_DIM % BLOCK_D != 0
         RAGGED_KEYS: tl.constexpr = SEQ_K % BLOCK_N != 0
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # P is scaled (and selected) in registers before each dot: tiles.REGISTER_A_STAGES
-        for start_n in tl.range(start, full_start, BLOCK_N, num_stages=REGISTER_A_STAGES):
+        for start_n in range(start, full_start, BLOCK_N):
             acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs,
                                      row_max, start_n, offs_m, offs_n, offs_d, lo, hi, SEQ_Q,
                                      SEQ_K, HEAD_DIM, STRIDE_VS, TILE_N, True, RAGGED_ROWS,
                                      RAGGED_KEYS, RAGGED_DIM, DOT_PRECISION)
-        for start_n in tl.range(full_start, full_end, BLOCK_N, num_stages=REGISTER_A_STAGES):
+        for start_n in range(full_start, full_end, BLOCK_N):
             acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs,
                                      row_max, start_n, offs_m, offs_n, offs_d, lo, hi, SEQ_Q,
                                      SEQ_K, HEAD_DIM, STRIDE_VS, TILE_N, False, RAGGED_ROWS,
                                      False, RAGGED_DIM, DOT_PRECISION)
-        for start_n in tl.range(full_end, stop, BLOCK_N, num_stages=REGISTER_A_STAGES):
+        for start_n in range(full_end, stop, BLOCK_N):
             acc = _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs,
                                      row_max, start_n, offs_m, offs_n, offs_d, lo, hi, SEQ_Q,
                                      SEQ_K, HEAD_DIM, STRIDE_VS, TILE_N, True, RAGGED_ROWS,
