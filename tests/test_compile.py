@@ -192,3 +192,45 @@ def test_register_operand_dots_drained_where_triton_races(version, racing, monke
         expected = ({"_probs_matmul_kernel", "_weighted_values_kernel",
                      "_weighted_values_keeping_probs_kernel"} if head_dim > 256 else set())
         assert drained == (expected if racing else set()), (head_dim, drained)
+
+
+_WAITS_SCRIPT = """
+import re, sys
+import jax.numpy as jnp
+import triton
+from jt_attention import plan, tuning
+from jt_attention.kernels import tiles
+import compile_check
+from helpers import every_launch
+
+tiles.REGISTER_A_RACES = triton.language.constexpr(sys.argv[1] == "races")
+triton.knobs.runtime.add_stages_inspection_hook = compile_check._skip_assembly
+problem = plan.Problem(1, 300, 700, 2, 2, 520, jnp.dtype("float16"), 0.05, True)
+launches = every_launch(problem, 132)
+values = next(l for l in launches if l.kernel.fn.__name__ == "_weighted_values_kernel")
+config = tuning.fitting_configs(values.kernel, "9.0", problem.footprint)[0]
+ptx = compile_check.compile_launch(values, compile_check._buffer_dtypes(problem, launches),
+                                   config, "9.0").asm["ptx"]
+for kind in ("wgmma", "cp.async"):
+    print(kind, sorted({int(n) for n in re.findall(kind + r"\\.wait_group\\S*\\s+(\\d+);", ptx)}))
+"""
+
+
+@pytest.mark.parametrize("races", [True, False])
+def test_drained_dots_finish_within_their_step(races, tmp_path):
+    """Where Triton races on register operands (tiles.REGISTER_A_RACES, forced here on
+    whichever Triton runs the test), the weighted-values loops retire each step's wgmmas
+    before the next step (wait_group 0 only) and keep prefetching their tiles
+    (cp.async waits with groups pending); without the flag wgmmas stay in flight."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    tests = pathlib.Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent),
+                                         env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", _WAITS_SCRIPT,
+                             "races" if races else "free"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    waits = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    wgmma, copies = json.loads(waits["wgmma"]), json.loads(waits["cp.async"])
+    assert max(copies) > 0, waits
+    assert (wgmma == [0]) if races else (max(wgmma) > 0), waits
