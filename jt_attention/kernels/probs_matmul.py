@@ -51,7 +51,7 @@ def _probs_matmul_step(acc, a_ptrs, b_ptrs, start_c, rows, offs_c, offs_d, spans
     b = load_tile(b_ptrs + row_step(start_c, STRIDE_BS, REDUCED), cols, offs_d, REDUCED, 0,
                   RAGGED_REDUCED, False)
     acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    if MASKED:
+    if MASKED:  # A was selected in registers (tiles.drained)
         acc = drained(acc)
     return acc
 

@@ -162,6 +162,7 @@ def _accumulate_values(acc, probs_ptrs, v_ptrs, tile_max_ptrs, tile_sum_ptrs, ro
     with a select after an ordinary load. (A 2-D masked load here, feeding the dot,
     raced on the H100 with Triton 3.6 at BLOCK_D=256: WORKSPACE_NOTES.md, v1.)
     RAGGED_KEYS: the block may cross SEQ_K.
+    P is scaled in registers before the dot, whose result is drained (tiles.drained).
     """
     cols = start_n + offs_n
     tile_max, _ = _tile_stats(tile_max_ptrs, tile_sum_ptrs, start_n // TILE_N, offs_m, lo, hi,
