@@ -21,12 +21,16 @@ from compile_check import every_feature
 from helpers import every_launch
 
 
+def _compiler_env(cache_dir):
+    """The environment of a compiling subprocess: real kernels, not interpreted ones, with
+    a cache of their own (started from the test process on the GPU machine, Triton found
+    no cache dir otherwise)."""
+    return {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(cache_dir)}
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    # Real kernels, not interpreted ones, with a cache of their own: started from the
-    # test process on the GPU machine, Triton found no cache dir otherwise.
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp("triton_cache"))}
+    env = _compiler_env(tmp_path_factory.mktemp("triton_cache"))
     script = pathlib.Path(__file__).with_name("compile_check.py")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                             text=True, timeout=1200)
@@ -222,7 +226,7 @@ def test_drained_dots_finish_within_their_step(races, tmp_path):
     whichever Triton runs the test), the weighted-values loops retire each step's wgmmas
     before the next step (wait_group 0 only) and keep prefetching their tiles
     (cp.async waits with groups pending); without the flag wgmmas stay in flight."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    env = _compiler_env(tmp_path)
     tests = pathlib.Path(__file__).parent
     env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent),
                                          env.get("PYTHONPATH", "")])
