@@ -431,17 +431,21 @@ def _foldable(launch, problem, implementation, names):
     broadcast to the whole batch first where they are not mapped, or mapped over a
     batch dim of 1, except the feature operands that are the same for every element
     of the map: those keep their batch dim of 1 (the kernels broadcast it). A bias
-    whose gradient is taken is always broadcast, so that each element gets its own."""
+    whose gradient is taken is always broadcast, so that each element gets its own, and
+    so are the dropout seeds, which the kernels index by batch element and head: each
+    element of the map then draws what a call of its own would."""
     @custom_vmap
     def call(*arrays):
         return launch(problem, implementation, *arrays)
 
     @call.def_vmap
     def fold_into_batch(axis_size, in_batched, *arrays):
-        keep = set(FEATURE_INPUTS) - ({"bias"} if problem.features.bias_grad else set())
+        keep = set(FEATURE_INPUTS) - {"dropout_seeds"} - (
+            {"bias"} if problem.features.bias_grad else set())
         folded = [_fold(x, mapped, axis_size, problem.batch, name in keep)
                   for x, mapped, name in zip(arrays, in_batched, names)]
-        wider = _folded_problem(problem, axis_size, dict(zip(names, folded)))
+        wider = partitioning.problem_for_shapes(  # a wider batch, the operands' new shapes
+            problem, {name: x.shape for name, x in zip(names, folded)})
         outs = _foldable(launch, wider, implementation, names)(*folded)
         outs = jax.tree.map(lambda y: y.reshape(axis_size, problem.batch, *y.shape[1:]), outs)
         return outs, jax.tree.map(lambda _: True, outs)
@@ -456,20 +460,6 @@ def _fold(x, mapped, axis_size, batch, keep_broadcast):
     shape = x.shape[1:] if mapped else x.shape  # an element's
     x = jnp.broadcast_to(x, (axis_size, batch, *shape[1:]))
     return x.reshape(axis_size * batch, *shape[1:])
-
-
-def _folded_problem(problem, axis_size, arrays):
-    """`problem` for the folded arrays: a wider batch, and the feature operands' new
-    shapes. Dropout streams restart every `problem.batch` elements (what one call per
-    element of the map draws), with a seed per batch element where the key is mapped
-    (kernels/masking.py dropout_multiplier)."""
-    stream_batch = abs(problem.features.dropout_seed_batch) or problem.batch
-    per_batch_seeds = arrays["dropout_seed"].shape[0] > 1
-    wider = partitioning.problem_for_shapes(problem, {n: x.shape for n, x in arrays.items()})
-    features = dataclasses.replace(
-        wider.features, dropout_seed_batch=(-stream_batch if per_batch_seeds else stream_batch)
-        if problem.features.dropout_rate else 0)
-    return dataclasses.replace(wider, features=features)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd, symbolic_zeros=True)

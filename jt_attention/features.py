@@ -9,9 +9,10 @@ Query i sees key j (positions top-left aligned, as in jax.nn) iff all of these h
 and its logit is cap * tanh((scale * q.k + bias[b, n, i, j]) / cap), or without the
 cap where none is given. A row that sees no key returns 0 (logsumexp -inf). Dropout
 multiplies each probability by keep / (1 - rate) after the softmax; whether element
-(b, n, i, j) is kept is a pure function of the seed and its position (`dropout_keep`,
-the same Philox stream the kernels draw), so the backward draws it again and no mask
-is stored; with broadcast dropout every batch element and head shares it.
+(b, n, i, j) is kept is a pure function of the call's key, the stream of (b, n) and
+the position (i, j) (`dropout_keep`, the same Philox draw the kernels make), so the
+backward draws it again and no mask is stored; with broadcast dropout every batch
+element and head shares one stream.
 
 `prepare` checks the arguments of `dot_product_attention` and returns the static
 `Features`, which join plan.Problem, and the `Arguments` (the reference takes them as
@@ -55,7 +56,6 @@ class Features:
     bias_grad: bool = False
     dropout_rate: float = 0.0
     dropout_broadcast: bool = False  # one mask for every batch element and head
-    dropout_seed_batch: int = 0  # under jax.vmap: masking.dropout_multiplier's SEED_BATCH
 
     @property
     def dropout_threshold(self):
@@ -76,10 +76,10 @@ class Operands:
     key_spans: jax.Array
     query_spans: jax.Array
 
-    dropout_seed: jax.Array
+    dropout_seeds: jax.Array
 
     NAMES = ("bias", "mask", "query_segments", "key_segments", "key_spans", "query_spans",
-             "dropout_seed")
+             "dropout_seeds")
 
     def arrays(self):
         return tuple(getattr(self, name) for name in self.NAMES)
@@ -232,7 +232,8 @@ def kernel_operands(features, arguments, problem_shape):
                  key_segments=a.key_value_segment_ids,
                  key_spans=None if spans is None else spans[0],
                  query_spans=None if spans is None else spans[1],
-                 dropout_seed=dropout_seed(features.dropout_rate, a.dropout_rng))
+                 dropout_seeds=dropout_seeds(features.dropout_rate, a.dropout_rng,
+                                            *problem_shape[:2], features.dropout_broadcast))
     return features, Operands(**{name: array for name, array in no_operands().items()
                                  if given[name] is None},
                               **{name: array for name, array in given.items()
@@ -252,13 +253,19 @@ def _checked_dropout(rate, rng):
     return rng
 
 
-def dropout_seed(rate, rng):
-    """The kernels' seed, int32 [1], drawn from `rng` (a jax.random key); None without
-    dropout (rate 0, or no rng)."""
+def dropout_seeds(rate, rng, batch, num_heads, broadcast):
+    """The kernels' Philox key and stream for each batch element and head, int32
+    [batch, num_heads, 2]: the key drawn once from `rng` (a jax.random key), the stream
+    b * num_heads + n, or 0 for all where the mask is broadcast. None without dropout
+    (rate 0, or no rng). An array indexed by batch and head, not a formula of the kernel's
+    own indices, so that a shard of the batch or heads (or an element of jax.vmap's map)
+    reads its own elements' streams and draws what the whole call draws."""
     if not rate or rng is None:
         return None
-    bits = jax.random.bits(rng, (1,), jnp.uint32)
-    return jax.lax.bitcast_convert_type(bits, jnp.int32)
+    key = jax.lax.bitcast_convert_type(jax.random.bits(rng, (), jnp.uint32), jnp.int32)
+    streams = (jnp.zeros((batch, num_heads), jnp.int32) if broadcast else
+               jnp.arange(batch * num_heads, dtype=jnp.int32).reshape(batch, num_heads))
+    return jnp.stack([jnp.broadcast_to(key, streams.shape), streams], axis=-1)
 
 
 def dropout_threshold(rate):
@@ -294,15 +301,13 @@ def philox(c0, c1, key, rounds=PHILOX_ROUNDS):
     return c0, c1
 
 
-def dropout_keep(seed, shape, rate, broadcast):
-    """Boolean [B, N, T, S] (or [1, 1, T, S] if `broadcast`): whether dropout keeps each
-    probability. Queries i, i + 8 and keys j, j + 8 (i % 16 < 8, j % 16 < 8) share the
-    Philox-2x32 block of counter (group(i) * 8 * ceil(S / 16) + group(j), stream b * N + n)
-    and the call's seed as key (int32 [1]; stepped by the counter's high word where
-    T * S passes 2**32), group(x) = x // 16 * 8 + x % 8; element (i, j) takes 16-bit
-    half 2 * (i // 8 % 2) + j // 8 % 2 (low half of word 0 first). The kernels draw the same
-    (masking.dropout_multiplier)."""
-    batch, heads, seq_q, seq_k = (1, 1, *shape[2:]) if broadcast else shape
+def dropout_keep(seeds, rate, seq_q, seq_k):
+    """Boolean [B, N, T, S]: whether dropout keeps each probability, for `seeds` from
+    dropout_seeds. Queries i, i + 8 and keys j, j + 8 (i % 16 < 8, j % 16 < 8) share the
+    Philox-2x32 block of counter (group(i) * 8 * ceil(S / 16) + group(j), stream) and
+    key (stepped by the counter's high word where T * S passes 2**32), group(x) =
+    x // 16 * 8 + x % 8; element (i, j) takes 16-bit half 2 * (i // 8 % 2) + j // 8 % 2
+    (low half of word 0 first). The kernels draw the same (masking.dropout_multiplier)."""
     group = lambda x: x // 16 * 8 + x % 8
     key_groups = 8 * -(-seq_k // 16)
     queries = jnp.arange(seq_q, dtype=jnp.uint32)[:, None]
@@ -310,9 +315,9 @@ def dropout_keep(seed, shape, rate, broadcast):
     low = group(queries) * jnp.uint32(key_groups)
     position = low + group(keys)
     high = _umulhi(group(queries), jnp.uint32(key_groups)) + (position < low).astype(jnp.uint32)
-    stream = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1, 1)
-    key = jax.lax.bitcast_convert_type(seed[0], jnp.uint32) + high * jnp.uint32(PHILOX_KEY_STEP)
-    words = philox(position, stream, key)
+    seeds = jax.lax.bitcast_convert_type(seeds, jnp.uint32)[..., None, None, :]
+    key = seeds[..., 0] + high * jnp.uint32(PHILOX_KEY_STEP)
+    words = philox(position, seeds[..., 1], key)
     halves = [words[0] & 0xFFFF, words[0] >> 16, words[1] & 0xFFFF, words[1] >> 16]
     which = 2 * (queries // 8 % 2) + keys // 8 % 2
     draw = jnp.select([which == w for w in range(3)], halves[:3], halves[3])

@@ -15,13 +15,9 @@ operand onto one device:
 - Everything else (sequence dims, head_dim, and any operand sharded unlike the query)
   is gathered (replicated) before the launch; a log line (logger "jt_attention", once
   per message) names the mesh axis.
-- Dropout that is not broadcast draws element (b, n, i, j) from Philox stream
-  b * NUM_HEADS + n (kernels/masking.py dropout_multiplier), with the local b, n and
-  NUM_HEADS on a shard: a shard would draw another mask than the unsharded call. So
-  with dropout (not broadcast) the batch and heads are gathered too (logged once); a
-  broadcast dropout mask (stream 0) depends only on the positions, which are never
-  sharded, and partitions like everything else (per-batch seeds, under jax.vmap,
-  follow the batch).
+- Dropout reads each head's Philox key and stream from the [batch, heads, 2] seeds
+  operand (features.dropout_seeds), which is sharded like the query: a shard draws
+  its elements' mask as the unsharded call does.
 - The bias gradient of a bias broadcast along the batch (or the heads) while the batch
   (or the heads) is sharded: each shard sums its own batch elements (heads) only, and
   the lowered function sums those partials over the sharding mesh axes (psum, in
@@ -94,7 +90,7 @@ def _expected_roles(name, problem):
     return {"bias": ("b", "n", "t", "s"), "mask": ("b", "n", "t", "s"),
             "dbias": ("b", "n", "t", "s"), "query_segments": ("b", "t"),
             "key_segments": ("b", "s"), "key_spans": ("b", "n", None, "t"),
-            "query_spans": ("b", "n", None, "s"), "dropout_seed": ("b",),
+            "query_spans": ("b", "n", None, "s"), "dropout_seeds": ("b", "n", None),
             "lse": ("b", "n", "t"), "dlse": ("b", "n", "t"),
             "probs": ("b", "n", "t", None)}[name]
 
@@ -109,18 +105,11 @@ def roles(name, shape, problem):
                  else None for role, size in zip(expected, shape))
 
 
-def _dropout_by_position(problem):
-    """Whether the dropout mask depends on the batch and head indices (not broadcast)."""
-    features = problem.features
-    return bool(features.dropout_rate) and not features.dropout_broadcast
-
-
 # --- Shardy ------------------------------------------------------------------------
 
 def _sharding_rule(kind, problem, implementation, mesh, operand_types, result_types):
     """The einsum-like Shardy rule: batch "b" and KV heads "k" pass through (query heads
-    are the compound "(k g)", g the group); every other factor needs replication, as do
-    b and k with dropout that is not broadcast."""
+    are the compound "(k g)", g the group); every other factor needs replication."""
     del implementation, mesh
     from jax._src.lib.mlir import ir
 
@@ -146,8 +135,7 @@ def _sharding_rule(kind, problem, implementation, mesh, operand_types, result_ty
     operands = [mapping(n, t) for n, t in zip(inputs, operand_types)]
     results = [mapping(n, t) for n, t in zip(outputs, result_types)]
     rule = ", ".join(operands) + " -> " + ", ".join(results)
-    keep = {"b", "k"} - ({"b", "k"} if _dropout_by_position(problem) else set())
-    options = dict(need_replication_factors=tuple(f for f in used if f not in keep))
+    options = dict(need_replication_factors=tuple(f for f in used if f not in ("b", "k")))
     if group > 1:
         options["g"] = group
     return rule, options
@@ -201,12 +189,6 @@ def _decide(problem, mesh, names, arg_shapes):
                  f"{problem.num_heads // problem.num_kv_heads} query heads: the kernels "
                  "take whole KV groups, so the heads are gathered")
         heads = ()
-    if (batch or heads) and _dropout_by_position(problem):
-        log_once(f"jt_attention: dropout (not broadcast) draws each element's mask from "
-                 f"its batch and head index, which a shard would renumber: the batch and "
-                 f"heads (sharded over mesh axes {batch + heads}) are gathered, for the "
-                 "same mask as the unsharded call")
-        batch = heads = ()
     plan = _Plan(batch, heads)
     for name, shape in zip(names, arg_shapes):
         array_roles = roles(name, shape.shape, problem)

@@ -282,8 +282,6 @@ def _common_constexprs(p):
                 BIAS_GRAD=bias_grad_mode(p), BATCH_INNER=p.batch_inner,
                 DROPOUT_THRESHOLD=features.dropout_threshold,
                 DROPOUT_SCALE=1.0 / (1.0 - features.dropout_rate),
-                DROPOUT_BROADCAST=features.dropout_broadcast,
-                DROPOUT_SEED_BATCH=features.dropout_seed_batch,
                 BATCH=p.batch if p.batch_inner else 1,  # unused otherwise: no recompiles
                 DOT_PRECISION=p.dot_precision, WIDE_INDEXING=p.wide_indexing, TMA=p.tma)
 

@@ -32,10 +32,10 @@ def attention_reference(query, key, value, bias=None, mask=None, *, scale=None,
     weights, lse = _grouped_weights(
         query, key, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
         local_window_size, logits_soft_cap, query_segment_ids, key_value_segment_ids)
-    seed = features.dropout_seed(dropout_rate, dropout_rng)
-    if seed is not None:  # the kernels' mask: same seed, same Philox stream
-        keep = features.dropout_keep(seed, (batch, num_heads, seq_q, key.shape[1]),
-                                     dropout_rate, broadcast_dropout)
+    seeds = features.dropout_seeds(dropout_rate, dropout_rng, batch, num_heads,
+                                   broadcast_dropout)
+    if seeds is not None:  # the kernels' mask: same keys, same Philox streams
+        keep = features.dropout_keep(seeds, dropout_rate, seq_q, key.shape[1])
         weights = weights * _grouped(keep, num_kv_heads, group) / (1.0 - dropout_rate)
     out = jnp.einsum("bkgts,bskh->btkgh", weights, value.astype(weights.dtype),
                      precision=HIGHEST)

@@ -62,7 +62,7 @@ def _buffer_dtypes(problem, launches):
     dtypes.update(dlse=np.dtype(np.float32), bias=problem.features.bias_dtype,
                   mask=np.dtype(bool), query_segments=np.dtype(np.int32),
                   key_segments=np.dtype(np.int32), key_spans=np.dtype(np.int32),
-                  query_spans=np.dtype(np.int32), dropout_seed=np.dtype(np.int32))
+                  query_spans=np.dtype(np.int32), dropout_seeds=np.dtype(np.int32))
     dtypes.update((b.name, b.dtype) for l in launches for b in l.outputs)
     return dtypes
 

@@ -68,8 +68,8 @@ def test_keep_rate(rate, broadcast):
     if broadcast:  # one mask for every batch element and head
         np.testing.assert_allclose(kept, np.broadcast_to(kept[:1, :, :1], kept.shape),
                                    rtol=1e-5)
-    keep = features.dropout_keep(features.dropout_seed(rate, jax.random.key(3)),
-                                 (batch, heads, seq, seq), rate, broadcast)
+    seeds = features.dropout_seeds(rate, jax.random.key(3), batch, heads, broadcast)
+    keep = features.dropout_keep(seeds, rate, seq, seq)
     np.testing.assert_allclose(kept.transpose(0, 2, 1),
                                np.broadcast_to(np.asarray(keep).mean(-1), (batch, heads, seq)),
                                rtol=1e-5)
@@ -81,8 +81,8 @@ def test_neighbours_draw_independently(offset):
     or sit side by side agree as often as independent draws would: p**2 + (1 - p)**2,
     within 5 standard deviations (features.dropout_keep, which the kernels match)."""
     rate, (di, dj) = 0.5, offset
-    keep = np.asarray(features.dropout_keep(features.dropout_seed(rate, jax.random.key(5)),
-                                            (2, 2, 96, 112), rate, False))
+    seeds = features.dropout_seeds(rate, jax.random.key(5), 2, 2, False)
+    keep = np.asarray(features.dropout_keep(seeds, rate, 96, 112))
     agree = keep[..., :keep.shape[2] - di, :keep.shape[3] - dj] == keep[..., di:, dj:]
     expected = rate ** 2 + (1 - rate) ** 2
     assert abs(agree.mean() - expected) < 5 * np.sqrt(expected * (1 - expected) / agree.size)
@@ -123,14 +123,17 @@ def test_bad_dropout_arguments_raise(kwargs, error, match):
         jt_attention.dot_product_attention(q, k, v, implementation="xla", **kwargs)
 
 
-def test_vmap_over_keys_draws_what_single_calls_draw():
+@pytest.mark.parametrize("batch,broadcast", [(2, False), (1, True)])
+def test_vmap_over_keys_draws_what_single_calls_draw(batch, broadcast):
     """A key mapped by jax.vmap: each element of the map gets the mask a call with its
-    own key gets (the folded batch restarts the streams)."""
-    (q, k, v), _ = random_inputs(6, 20, 24, 2, 2, 16, "float32")
-    split = lambda x: x.reshape(3, 2, *x.shape[1:])
+    own key gets (the seeds operand folds into the batch like the inputs), and so does
+    an unmapped key; also with one batch element per call, and broadcast dropout."""
+    (q, k, v), _ = random_inputs(3 * batch, 20, 24, 2, 2, 16, "float32")
+    split = lambda x: x.reshape(3, batch, *x.shape[1:])
     keys = jax.random.split(jax.random.key(5), 3)
     attend = lambda q, k, v, key: jt_attention.dot_product_attention(
-        q, k, v, implementation=KERNELS, dropout_rate=0.3, dropout_rng=key)
+        q, k, v, implementation=KERNELS, dropout_rate=0.3, dropout_rng=key,
+        broadcast_dropout=broadcast)
     mapped = np.asarray(jax.vmap(attend)(*map(split, (q, k, v)), keys))
     shared = np.asarray(jax.vmap(attend, in_axes=(0, 0, 0, None))(*map(split, (q, k, v)),
                                                                    keys[0]))

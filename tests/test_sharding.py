@@ -3,7 +3,7 @@
 Batch- and head-sharded calls run the kernels on each device's shard with no
 collective and keep the output sharded; their results and gradients equal the
 unsharded call's. Other shardings (head_dim, sequence), heads that do not split into
-whole KV groups and dropout that is not broadcast are gathered: still exact, logged.
+whole KV groups are gathered: still exact, logged.
 
 On a CPU machine conftest gives 8 simulated devices and the kernels run interpreted
 (one interpreted launch per device, serialized by the interpreter's lock), so the
@@ -75,8 +75,8 @@ CASES = {
                       (1, 8, 16, 16), dict(dropout="broadcast", window=(5, 3))),
     "batch_x_heads_full_bias": ((2, 2), ("data", "model"), P("data", None, "model"), 4, 4,
                                 2, (4, 4, 16, 16), dict(lengths=True, mask=(1, 4, 16, 16))),
-    "dropout_gathered": ((2, 2), ("data", "model"), P("data", None, "model"), 2, 4, 2,
-                         (2, 1, 16, 16), dict(dropout="per_element", mask=(1, 4, 16, 16))),
+    "dropout_per_element": ((2, 2), ("data", "model"), P("data", None, "model"), 2, 4, 2,
+                            (2, 1, 16, 16), dict(dropout="per_element", mask=(1, 4, 16, 16))),
 }
 
 
@@ -127,31 +127,33 @@ def test_sharded_equals_unsharded(case):
 
     assert relative_error(out, np.asarray(want_out, np.float64)) < EXACT
     _check_same(grads, want_grads, case)
-    if features.get("dropout") != "per_element":  # those are gathered on purpose
-        assert out.sharding.is_equivalent_to(sharding, out.ndim), out.sharding
-        for grad, x in zip(grads[:3], placed):
-            assert grad.sharding.is_equivalent_to(x.sharding, grad.ndim), grad.sharding
+    assert out.sharding.is_equivalent_to(sharding, out.ndim), out.sharding
+    for grad, x in zip(grads[:3], placed):
+        assert grad.sharding.is_equivalent_to(x.sharding, grad.ndim), grad.sharding
 
 
 def _collectives(compiled_text):
     return sorted(set(m.group(1) for m in COLLECTIVES.finditer(compiled_text)))
 
 
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
 @pytest.mark.parametrize("spec", [P("data"), P(None, None, "data")], ids=["batch", "heads"])
-def test_no_collective_and_the_output_stays_sharded(spec):
+def test_no_collective_and_the_output_stays_sharded(spec, dropout):
+    """Dropout too: each shard reads its own heads' Philox streams (features.dropout_seeds)."""
     mesh = _mesh((4,), ("data",))
     rng = np.random.default_rng()
     q, k, v = _inputs(4, 16, 8, 4, 16, rng)
     sharding = NamedSharding(mesh, spec)
     placed = [jax.device_put(x, sharding) for x in (q, k, v)]
+    options = dict(dropout_rate=0.3, dropout_rng=jax.random.key(7)) if dropout else {}
 
     attend = jax.jit(lambda q, k, v: jt_attention.dot_product_attention(
-        q, k, v, implementation=KERNELS, is_causal=True))
+        q, k, v, implementation=KERNELS, is_causal=True, **options))
     compiled = attend.lower(*placed).compile()
     assert _collectives(compiled.as_text()) == []
     assert compiled.output_shardings.is_equivalent_to(sharding, 4)
 
-    step = _loss_and_grads({}, with_bias=False)
+    step = _loss_and_grads(options, with_bias=False)
     compiled = step.lower(*placed, None, jax.device_put(q, sharding)).compile()
     # The loss itself is summed over the shards (an all-reduce of a scalar): the
     # attention's forward and backward add nothing.
@@ -202,21 +204,6 @@ def test_heads_not_in_whole_kv_groups_are_gathered(caplog):
     # 6 query heads over 2 shards, but 3 KV heads: a shard would split a KV group.
     log = _gathered_case(P(None, None, "model"), 6, 3, (2,), ("model",), caplog)
     assert "whole KV groups" in log and "'model'" in log, log
-
-
-def test_dropout_per_element_gathers_and_says_why(caplog):
-    mesh = _mesh((2,), ("data",))
-    rng = np.random.default_rng()
-    q, k, v = _inputs(2, 8, 2, 2, 16, rng)
-    attend = jax.jit(lambda q, k, v: jt_attention.dot_product_attention(
-        q, k, v, implementation=KERNELS, dropout_rate=0.5, dropout_rng=jax.random.key(3)))
-    want = attend(q, k, v)
-    sharding = NamedSharding(mesh, P("data"))
-    jt_attention.log.log_once.cache_clear()
-    with caplog.at_level(logging.INFO, logger="jt_attention"):
-        out = attend(*(jax.device_put(x, sharding) for x in (q, k, v)))
-    assert relative_error(out, np.asarray(want, np.float64)) < EXACT
-    assert "dropout" in caplog.text and "'data'" in caplog.text, caplog.text
 
 
 def test_inside_shard_map_the_arrays_are_local():

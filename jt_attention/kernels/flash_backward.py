@@ -32,9 +32,8 @@ from jt_attention.kernels.tiles import (block_coords, load_from, rows_source, st
 @triton.jit
 def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m, offs_m,
                     start_n, keys, offs_d, spans, q_segments_base, key_segments_base, mask_base,
-                    bias_base, seed_ptr, batch_head,
+                    bias_base, seeds_ptr, batch_head,
                     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-                    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                     SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                     MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -71,9 +70,8 @@ def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m
     dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
     if DROPOUT_THRESHOLD:  # dV takes the kept probabilities, dS the kept dP
         dropped_t = masking.dropout_multiplier(
-            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, start_m,
-            offs_m.shape[0], start_n, keys.shape[0], True, NUM_HEADS, SEQ_Q, SEQ_K,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
+            seeds_ptr, batch_head, start_m, offs_m.shape[0], start_n, keys.shape[0], True,
+            SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE)
         dv = tl.dot((probs_t * dropped_t).to(dout.dtype), dout, dv,
                     input_precision=DOT_PRECISION)
         dprobs_t = dprobs_t * dropped_t
@@ -86,7 +84,7 @@ def _key_grads_step(dk, dv, k, v, q_rows, dout_rows, lse_ptr, delta_ptr, start_m
 @triton.jit
 def _flash_key_grads_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, mask_ptr, q_segments_ptr,
-    k_segments_ptr, key_spans_ptr, query_spans_ptr, dropout_seed_ptr, dk_ptr, dv_ptr,
+    k_segments_ptr, key_spans_ptr, query_spans_ptr, dropout_seeds_ptr, dk_ptr, dv_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -98,7 +96,6 @@ def _flash_key_grads_kernel(
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr, BATCH: tl.constexpr, BATCH_INNER: tl.constexpr,
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -160,9 +157,9 @@ def _flash_key_grads_kernel(
                 dk, dv = _key_grads_step(
                     dk, dv, k, v, q_rows, dout_rows, lse_ptr + row_offset, delta_ptr + row_offset,
                     start_m, offs_m, start_n, keys, offs_d, spans, q_segments_base,
-                    key_segments_base, mask_base, bias_base, dropout_seed_ptr,
-                    batch * NUM_HEADS + head, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-                    DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
+                    key_segments_base, mask_base, bias_base, dropout_seeds_ptr,
+                    batch * NUM_HEADS + head, DROPOUT_THRESHOLD, DROPOUT_SCALE, SCALE,
+                    SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS,
                     IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
                     BLOCK_D, STRIDE_QS, STRIDE_DOS, stretch != 1, RAGGED_ROWS, DOT_PRECISION, TMA)
 
@@ -180,9 +177,8 @@ def _flash_key_grads_kernel(
 @triton.jit
 def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, start_m,
                       rows, offs_n, offs_d, batch, head, lo, hi, q_segment, key_segments_base,
-                      mask_base, bias_base, seed_ptr,
+                      mask_base, bias_base, seeds_ptr,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-                      DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                       SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                       BIAS_GRAD: tl.constexpr, MASK_LAYOUT: tl.constexpr,
                       SEGMENTS: tl.constexpr, SPANS: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -213,9 +209,8 @@ def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_
     dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT_THRESHOLD:  # the kept dP
         dprobs = dprobs * masking.dropout_multiplier(
-            seed_ptr, batch, head, start_m, rows.shape[0], start_n, offs_n.shape[0], False,
-            NUM_HEADS, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-            DROPOUT_SEED_BATCH)
+            seeds_ptr, batch * NUM_HEADS + head, start_m, rows.shape[0], start_n,
+            offs_n.shape[0], False, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE)
     dlogits = probs * (dprobs - delta[:, None]) * cap_grad
     if BIAS_GRAD:
         masking.store_bias_grad(dbias_ptr, dlogits, rows, cols, batch, head, BIAS_GRAD,
@@ -226,7 +221,7 @@ def _query_grads_step(dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_
 @triton.jit
 def _flash_query_grads_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, dlse_ptr, bias_ptr, mask_ptr,
-    q_segments_ptr, k_segments_ptr, key_spans_ptr, dropout_seed_ptr, dq_ptr, delta_ptr,
+    q_segments_ptr, k_segments_ptr, key_spans_ptr, dropout_seeds_ptr, dq_ptr, delta_ptr,
     dbias_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
@@ -241,7 +236,6 @@ def _flash_query_grads_kernel(
     SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr, BATCH: tl.constexpr,
     BATCH_INNER: tl.constexpr,
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -305,8 +299,8 @@ def _flash_query_grads_kernel(
             dq = _query_grads_step(
                 dq, q, dout, lse, delta, k_rows, v_rows, dbias_ptr, start_n, start_m, rows, offs_n,
                 offs_d, batch, head, lo, hi, q_segment, key_segments_base, mask_base, bias_base,
-                dropout_seed_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-                DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,
+                dropout_seeds_ptr, DROPOUT_THRESHOLD, DROPOUT_SCALE, SCALE, SOFT_CAP,
+                BIAS_LAYOUT, BIAS_GRAD, MASK_LAYOUT, SEGMENTS,
                 SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM,
                 BLOCK_D, STRIDE_KS, STRIDE_VS, stretch != 1, RAGGED_KEYS and stretch != 1,
                 DOT_PRECISION, TMA)

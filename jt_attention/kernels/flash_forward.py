@@ -24,9 +24,8 @@ from jt_attention.kernels.tiles import (block_coords, load_from, longest_first_c
 @triton.jit
 def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n,
                   offs_d, lo, hi, exact, q_segment, key_segments_base, mask_base, bias_base,
-                  seed_ptr, batch_head,
+                  seeds_ptr, batch_head,
                   DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-                  DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                   SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                   MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -62,9 +61,8 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, qu
     row_sum = row_sum * rescale + tl.sum(probs, 1)
     if DROPOUT_THRESHOLD:
         probs = probs * masking.dropout_multiplier(
-            seed_ptr, batch_head // NUM_HEADS, batch_head % NUM_HEADS, start_m,
-            queries.shape[0], start_n, offs_n.shape[0], False, NUM_HEADS, SEQ_Q, SEQ_K,
-            DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH)
+            seeds_ptr, batch_head, start_m, queries.shape[0], start_n, offs_n.shape[0], False,
+            SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE)
     v = load_from(v_rows, start_n, cols, offs_d, STRIDE_VS, SEQ_K, HEAD_DIM, RAGGED_KEYS,
                   BLOCK_D != HEAD_DIM, TMA)
     acc = acc * rescale[:, None]
@@ -75,9 +73,8 @@ def _attend_block(acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, qu
 @triton.jit
 def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end,
                       stop, start_m, queries, offs_n, offs_d, lo, hi, exact, q_segment,
-                      key_segments_base, mask_base, bias_base, seed_ptr, batch_head,
+                      key_segments_base, mask_base, bias_base, seeds_ptr, batch_head,
                       DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-                      DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
                       SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, BIAS_LAYOUT: tl.constexpr,
                       MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr, SPANS: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -93,9 +90,9 @@ def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_star
         for start_n in range(begin, end, BLOCK_N):
             acc, row_sum, row_max = _attend_block(
                 acc, row_sum, row_max, q, k_rows, v_rows, start_n, start_m, queries, offs_n, offs_d,
-                lo, hi, exact, q_segment, key_segments_base, mask_base, bias_base, seed_ptr,
+                lo, hi, exact, q_segment, key_segments_base, mask_base, bias_base, seeds_ptr,
                 batch_head,
-                DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE,
+                DROPOUT_THRESHOLD, DROPOUT_SCALE, SCALE,
                 SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT,
                 WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS,
                 stretch != 1, RAGGED_KEYS and stretch != 1, DOT_PRECISION, TMA)
@@ -105,7 +102,7 @@ def _attend_stretches(acc, row_sum, row_max, q, k_rows, v_rows, start, full_star
 @triton.jit
 def _flash_forward_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
-    dropout_seed_ptr, out_ptr, lse_ptr,
+    dropout_seeds_ptr, out_ptr, lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -117,7 +114,6 @@ def _flash_forward_kernel(
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr, BATCH: tl.constexpr, BATCH_INNER: tl.constexpr,
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -172,8 +168,8 @@ def _flash_forward_kernel(
     acc, row_sum, row_max = _attend_stretches(
         acc, row_sum, row_max, q, k_rows, v_rows, start, full_start, full_end, stop, start_m,
         offs_m, offs_n, offs_d, lo, hi, exact, q_segment, k_segments_ptr + batch * SEQ_K,
-        mask_base, bias_base, dropout_seed_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
-        DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS,
+        mask_base, bias_base, dropout_seeds_ptr, batch_head, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+        SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT, SEGMENTS,
         SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K, HEAD_DIM, BLOCK_D,
         STRIDE_KS, STRIDE_VS, BLOCK_N, DOT_PRECISION, TMA)
 

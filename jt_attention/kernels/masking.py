@@ -22,9 +22,9 @@ Three questions, asked by every kernel that reads scores:
    scores (log2(e) folded in, as the kernels use exp2) and the soft-cap's derivative
    for the backward; `store_bias_grad` writes or accumulates the bias gradient.
 4. Dropout: `dropout_multiplier` draws, for any tile that starts at multiples of 16,
-   the factor keep / (1 - rate) of each element from its position
-   (features.dropout_keep is the jnp twin), so the forward and both backward kernels
-   draw the same mask whatever their blocks.
+   the factor keep / (1 - rate) of each element from its head's Philox key and stream
+   and its position (features.dropout_keep is the jnp twin), so the forward and both
+   backward kernels draw the same mask whatever their blocks.
 
 Band: query i sees keys i - WINDOW_LEFT .. i + WINDOW_RIGHT, and none past i if
 IS_CAUSAL; -1 leaves a side unbounded. Operand layouts (BIAS_LAYOUT, MASK_LAYOUT,
@@ -429,22 +429,18 @@ def _alternate_eights(a, b, AXIS: tl.constexpr):
 
 
 @triton.jit
-def dropout_multiplier(seed_ptr, batch, head, query_start, BLOCK_M: tl.constexpr, key_start,
-                       BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr,
-                       NUM_HEADS: tl.constexpr, SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr,
-                       THRESHOLD: tl.constexpr, SCALE: tl.constexpr,
-                       BROADCAST: tl.constexpr, SEED_BATCH: tl.constexpr):
+def dropout_multiplier(seeds_ptr, batch_head, query_start, BLOCK_M: tl.constexpr, key_start,
+                       BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr, SEQ_Q: tl.constexpr,
+                       SEQ_K: tl.constexpr, THRESHOLD: tl.constexpr, SCALE: tl.constexpr):
     """keep / (1 - rate) for queries [query_start, + BLOCK_M) and keys [key_start, +
-    BLOCK_N) (both starts multiples of 16): a [queries, keys] tile, or [keys, queries]
-    if KEYS_FIRST. Queries q, q + 8 and keys k, k + 8 (q % 16 < 8, k % 16 < 8) share one
-    Philox-2x32 block, whose 16-bit half 2 * (q half) + (k half) each takes: the four
-    elements a thread holds in the matrix-multiply layouts of either orientation, so the
-    draw needs no shared memory (features.dropout_keep is the jnp twin; WORKSPACE_NOTES.md,
-    "Dropout: one Philox block per four elements" and "Dropout: Philox-2x32"). SEED_BATCH
-    (plan.dropout_seed_batch): 0 for one call; under jax.vmap, the mapped axis folded
-    into the batch, n > 0: the streams restart every n batch elements, and -n: so do
-    they, with a seed per batch element (a mapped key). Each element of the map then
-    draws what a call of its own would."""
+    BLOCK_N) (both starts multiples of 16) of head batch_head (b * NUM_HEADS + n): a
+    [queries, keys] tile, or [keys, queries] if KEYS_FIRST. The head's Philox key and
+    stream are entry batch_head of seeds_ptr (features.dropout_seeds). Queries q, q + 8
+    and keys k, k + 8 (q % 16 < 8, k % 16 < 8) share one Philox-2x32 block, whose 16-bit
+    half 2 * (q half) + (k half) each takes: the four elements a thread holds in the
+    matrix-multiply layouts of either orientation, so the draw needs no shared memory
+    (features.dropout_keep is the jnp twin; WORKSPACE_NOTES.md, "Dropout: one Philox
+    block per four elements" and "Dropout: Philox-2x32")."""
     KEY_GROUPS: tl.constexpr = 8 * ((SEQ_K + 15) // 16)
     query_groups = (tl.arange(0, BLOCK_M // 2) + query_start // 2).to(tl.uint32)
     key_groups = (tl.arange(0, BLOCK_N // 2) + key_start // 2).to(tl.uint32)
@@ -456,20 +452,12 @@ def dropout_multiplier(seed_ptr, batch, head, query_start, BLOCK_M: tl.constexpr
         key_groups = key_groups[None, :]
     low = tl.mul(query_groups, KEY_GROUPS, sanitize_overflow=False)
     position = tl.add(low, key_groups, sanitize_overflow=False)
-    if SEED_BATCH < 0:
-        seed = tl.load(seed_ptr + batch)
-    else:
-        seed = tl.load(seed_ptr)
-    key = seed.to(tl.uint32, bitcast=True)
+    key = tl.load(seeds_ptr + 2 * batch_head).to(tl.uint32, bitcast=True)
+    stream = tl.load(seeds_ptr + 2 * batch_head + 1).to(tl.uint32, bitcast=True)
     if (SEQ_Q + 15) // 16 * 8 * KEY_GROUPS >= 2**32:  # the position's high word steps the key
         high = tl.math.umulhi(query_groups, KEY_GROUPS) + (position < low).to(tl.uint32)
         key = tl.add(key, tl.mul(high, _KEY_STEP, sanitize_overflow=False),
                      sanitize_overflow=False)
-    if SEED_BATCH:
-        batch = batch % (SEED_BATCH if SEED_BATCH > 0 else -SEED_BATCH)
-    stream = position * 0
-    if not BROADCAST:
-        stream += (batch * NUM_HEADS + head).to(tl.uint32)
     words = _philox(position, stream, key)
     # four 16-bit draws: a word's high half is >= THRESHOLD iff the word is >= THRESHOLD << 16
     kept0 = tl.where((words[0] << 16) >= THRESHOLD << 16, SCALE, 0.0)

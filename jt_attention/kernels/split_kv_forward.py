@@ -21,7 +21,7 @@ from jt_attention.kernels.tiles import grid_coords, load_tile, store_tile, tile_
 @triton.jit
 def _split_kv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
-    dropout_seed_ptr, partial_out_ptr, partial_lse_ptr,
+    dropout_seeds_ptr, partial_out_ptr, partial_lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -32,7 +32,6 @@ def _split_kv_kernel(
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr,
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -91,9 +90,9 @@ def _split_kv_kernel(
     acc, row_sum, row_max = _attend_stretches(
         acc, row_sum, row_max, q, k_ptrs, v_ptrs, start, full_start, full_end, stop, 0, query,
         offs_n, offs_d, lo, hi, exact, q_segment, k_segments_ptr + batch * SEQ_K,
-        mask_base[:, None], bias_base[:, None], dropout_seed_ptr,
+        mask_base[:, None], bias_base[:, None], dropout_seeds_ptr,
         (batch * NUM_HEADS + feature_head)[:, None], DROPOUT_THRESHOLD, DROPOUT_SCALE,
-        DROPOUT_BROADCAST, DROPOUT_SEED_BATCH, SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT,
+        SCALE, SOFT_CAP, BIAS_LAYOUT, MASK_LAYOUT,
         SEGMENTS, SPANS, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, NUM_HEADS, SEQ_Q, SEQ_K,
         HEAD_DIM, BLOCK_D, STRIDE_KS, STRIDE_VS, BLOCK_N, DOT_PRECISION, False)  # no TMA
 

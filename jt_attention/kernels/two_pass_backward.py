@@ -69,7 +69,7 @@ def _store_score_grads(dscores_ptr, dbias_ptr, offsets, dscores, rows, cols, bat
 @triton.jit
 def _score_grads_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, mask_ptr, q_segments_ptr,
-    k_segments_ptr, key_spans_ptr, dropout_seed_ptr, head_start, dbias_earlier_ptr, probs_ptr,
+    k_segments_ptr, key_spans_ptr, dropout_seeds_ptr, head_start, dbias_earlier_ptr, probs_ptr,
     dscores_ptr, dbias_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
@@ -82,7 +82,6 @@ def _score_grads_kernel(
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -144,10 +143,8 @@ def _score_grads_kernel(
             probs = tl.where(keep, probs, 0.0)
         if DROPOUT_THRESHOLD:
             dropped = masking.dropout_multiplier(
-                dropout_seed_ptr, batch, head, start_m, BLOCK_M, start_n, BLOCK_N, False,
-                NUM_HEADS,
-                SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-                DROPOUT_SEED_BATCH)
+                dropout_seeds_ptr, batch_head, start_m, BLOCK_M, start_n, BLOCK_N, False, SEQ_Q,
+                SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE)
             dlogits = probs * (dprobs * dropped - delta[:, None]) * cap_grad
             probs = probs * dropped
         else:

@@ -45,7 +45,7 @@ from jt_attention.kernels.tiles import (drained, grid_coords, load_tile, row_ste
 @triton.jit
 def _score_tiles_kernel(
     q_ptr, k_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
-    dropout_seed_ptr, head_start, probs_ptr, tile_max_ptr, tile_sum_ptr,
+    dropout_seeds_ptr, head_start, probs_ptr, tile_max_ptr, tile_sum_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -55,7 +55,6 @@ def _score_tiles_kernel(
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr,
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TILE_N: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -103,10 +102,8 @@ def _score_tiles_kernel(
         tl.store(tile_sum_ptr + stats_offset, tl.sum(probs, 1), mask=offs_m < SEQ_Q)
         if DROPOUT_THRESHOLD:
             probs = probs * masking.dropout_multiplier(
-                dropout_seed_ptr, batch, head, start_m, BLOCK_M, start_n, TILE_N, False,
-                NUM_HEADS,
-                SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-                DROPOUT_SEED_BATCH)
+                dropout_seeds_ptr, head_start + chunk_head, start_m, BLOCK_M, start_n, TILE_N,
+                False, SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE)
         PADDED_K: tl.constexpr = NUM_TILES * TILE_N
         probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PADDED_K, offs_m,
                                offs_n, PADDED_K, SEQ_Q)
@@ -367,7 +364,7 @@ def _weighted_values(
 @triton.jit
 def _row_softmax_kernel(
     q_ptr, k_ptr, bias_ptr, mask_ptr, q_segments_ptr, k_segments_ptr, key_spans_ptr,
-    dropout_seed_ptr, head_start, lse_earlier_ptr, probs_ptr, lse_ptr,
+    dropout_seeds_ptr, head_start, lse_earlier_ptr, probs_ptr, lse_ptr,
     SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     SEQ_Q: tl.constexpr, SEQ_K: tl.constexpr, NUM_HEADS: tl.constexpr,
     KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PROBS_STRIDE: tl.constexpr,
@@ -377,7 +374,6 @@ def _row_softmax_kernel(
     BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr, SEGMENTS: tl.constexpr,
     SPANS: tl.constexpr,
     DROPOUT_THRESHOLD: tl.constexpr, DROPOUT_SCALE: tl.constexpr,
-    DROPOUT_BROADCAST: tl.constexpr, DROPOUT_SEED_BATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_INDEXING: tl.constexpr,
     ROW_KEYS: tl.constexpr,
@@ -425,10 +421,8 @@ def _row_softmax_kernel(
     probs = probs * (1.0 / tl.where(seen, row_sum, 1.0))[:, None]
     if DROPOUT_THRESHOLD:
         probs = probs * masking.dropout_multiplier(
-            dropout_seed_ptr, batch, head, row_block * BLOCK_M, BLOCK_M, 0, ROW_KEYS, False,
-            NUM_HEADS,
-            SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE, DROPOUT_BROADCAST,
-            DROPOUT_SEED_BATCH)
+            dropout_seeds_ptr, batch_head, row_block * BLOCK_M, BLOCK_M, 0, ROW_KEYS, False,
+            SEQ_Q, SEQ_K, DROPOUT_THRESHOLD, DROPOUT_SCALE)
     probs_ptrs = tile_ptrs(probs_ptr + chunk_head * SEQ_Q * PROBS_STRIDE, rows, cols,
                            PROBS_STRIDE, SEQ_Q)
     store_tile(probs_ptrs, probs.to(probs_ptr.dtype.element_ty), rows, cols, SEQ_Q, SEQ_K,
