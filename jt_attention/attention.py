@@ -7,11 +7,10 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 
+from jt_attention import batching, partitioning
 from jt_attention import features as features_lib
-from jt_attention import partitioning
 from jt_attention.log import log_once
 from jt_attention.plan import FEATURE_INPUTS, Problem, backward_inputs
 from jt_attention.reference import attention_reference
@@ -87,12 +86,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     gradients come back in the input dtype. Forward mode (jax.jvp, jax.jacfwd) is
     not supported: JAX raises "can't apply forward-mode autodiff (jvp) to a
     custom_vjp function"; use reverse mode. Works under jax.vmap: the mapped axis
-    folds into the batch, so one launch serves the whole map. Under jax.jit with inputs
-    sharded over a mesh along the batch or the heads (whole KV groups), each device
-    runs the kernels on its own shard, with no collective, and the output stays
-    sharded; other shardings, and the batch and heads under dropout that is not
-    broadcast (its mask follows the global batch and head index), are gathered and
-    logged once (jt_attention/partitioning.py).
+    folds into the batch, or where the key and value are not mapped into the query
+    heads, so one launch serves the whole map (jt_attention/batching.py). Under jax.jit
+    with inputs sharded over a mesh along the batch or the heads (whole KV groups),
+    each device runs the kernels on its own shard, with no collective, and the output
+    stays sharded; other shardings are gathered and logged once
+    (jt_attention/partitioning.py).
     """
     out, lse = attention_and_logsumexp(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -307,16 +306,19 @@ def _kernel_forward(query, key, value, bias, others, problem, implementation, fo
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _forward_kernels(problem, implementation, for_backward, *arrays):
     kind = partitioning.FORWARD_FOR_BACKWARD if for_backward else partitioning.FORWARD
-    launch = _launcher(kind, implementation)
-    return _varying_like(_foldable(launch, problem, implementation, FORWARD_INPUTS)(*arrays),
-                         arrays)
+    return _varying_like(_vmappable(kind, problem, implementation)(*arrays), arrays)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _backward_kernels(problem, implementation, *arrays):
-    launch = _launcher(partitioning.BACKWARD, implementation)
-    return _varying_like(
-        _foldable(launch, problem, implementation, backward_inputs(problem))(*arrays), arrays)
+    return _varying_like(_vmappable(partitioning.BACKWARD, problem, implementation)(*arrays),
+                         arrays)
+
+
+def _vmappable(kind, problem, implementation):
+    """The launches of `kind` as a function of their arrays that works under jax.vmap."""
+    return batching.foldable(_launcher(kind, implementation), problem, implementation,
+                             *partitioning.array_names(kind, problem))
 
 
 def _varying_like(outputs, inputs):
@@ -420,46 +422,6 @@ def _launch_backward(problem, implementation, *arrays):
         return triton_backward(buffers, problem)
     from jt_attention.interpret import interpret_backward
     return interpret_backward(buffers, problem)
-
-
-def _foldable(launch, problem, implementation, names):
-    """`launch(problem, implementation, *arrays)` as a function of the arrays (named by
-    `names`, as the plan names them) that works under jax.vmap.
-
-    jax-triton's kernel calls have no batching rule. Every array has the batch on axis
-    0, so a mapped axis folds into it: one launch over axis_size x batch. Arrays are
-    broadcast to the whole batch first where they are not mapped, or mapped over a
-    batch dim of 1, except the feature operands that are the same for every element
-    of the map: those keep their batch dim of 1 (the kernels broadcast it). A bias
-    whose gradient is taken is always broadcast, so that each element gets its own, and
-    so are the dropout seeds, which the kernels index by batch element and head: each
-    element of the map then draws what a call of its own would."""
-    @custom_vmap
-    def call(*arrays):
-        return launch(problem, implementation, *arrays)
-
-    @call.def_vmap
-    def fold_into_batch(axis_size, in_batched, *arrays):
-        keep = set(FEATURE_INPUTS) - {"dropout_seeds"} - (
-            {"bias"} if problem.features.bias_grad else set())
-        folded = [_fold(x, mapped, axis_size, problem.batch, name in keep)
-                  for x, mapped, name in zip(arrays, in_batched, names)]
-        wider = partitioning.problem_for_shapes(  # a wider batch, the operands' new shapes
-            problem, {name: x.shape for name, x in zip(names, folded)})
-        outs = _foldable(launch, wider, implementation, names)(*folded)
-        outs = jax.tree.map(lambda y: y.reshape(axis_size, problem.batch, *y.shape[1:]), outs)
-        return outs, jax.tree.map(lambda _: True, outs)
-
-    return call
-
-
-def _fold(x, mapped, axis_size, batch, keep_broadcast):
-    """x with the mapped axis folded into its batch (axis 0 of each element)."""
-    if not mapped and keep_broadcast and x.shape[0] == 1:
-        return x  # the same for every element of the map, and broadcast in the kernels
-    shape = x.shape[1:] if mapped else x.shape  # an element's
-    x = jnp.broadcast_to(x, (axis_size, batch, *shape[1:]))
-    return x.reshape(axis_size * batch, *shape[1:])
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd, symbolic_zeros=True)

@@ -82,7 +82,9 @@ def problem_for_shapes(problem, shapes):
                                num_kv_heads=shapes["k"][heads_axis], features=features)
 
 
-def _expected_roles(name, problem):
+def expected_roles(name, problem):
+    """What each dim of the array `name` is (a _ROLE_SIZES key; None: none of the
+    problem's dims), where it has every dim."""
     if name in _QUERY_LIKE:
         return ("b", "n", "t", "d") if problem.heads_major else ("b", "t", "n", "d")
     if name in _KEY_LIKE:
@@ -98,7 +100,7 @@ def _expected_roles(name, problem):
 def roles(name, shape, problem):
     """What each dim of the array `name` of `shape` is (a _ROLE_SIZES key), or None where
     it is broadcast (size 1), a placeholder's, or none of the problem's dims."""
-    expected = _expected_roles(name, problem)
+    expected = expected_roles(name, problem)
     if len(expected) != len(shape):  # a one-element placeholder
         return (None,) * len(shape)
     return tuple(role if role and size > 1 and size == getattr(problem, _ROLE_SIZES[role])

@@ -332,6 +332,55 @@ def test_vmap_keeps_a_shared_bias_unbroadcast(implementation, monkeypatch):
         assert relative_error(grads[i], want) < TOLERANCE["float32"], f"{seed=} {i=}"
 
 
+@pytest.mark.parametrize("head_dim", [32, 288])
+def test_vmap_over_queries_with_shared_keys_folds_into_heads(head_dim, monkeypatch):
+    """Queries mapped by jax.vmap against one key and value (beams): the forward folds
+    the map into the query heads, so the kernels read the key and value once,
+    unbroadcast; a mapped mask of one head, a per-head bias, key lengths and dropout
+    come along. Forward and gradients (the backward folds into the batch, each element
+    having its own dK and dV) equal a call per element."""
+    rng = np.random.default_rng(new_seed())
+    batch, seq_q, seq_k, heads, kv_heads, maps = 2, 3, 40, 4, 2, 3
+    (q, k, v), seed = random_inputs(maps * batch, seq_q, seq_k, heads, kv_heads, head_dim,
+                                    "float32")
+    q = q.reshape(maps, batch, *q.shape[1:])
+    k, v = k[:batch], v[:batch]
+    masks = rng.random((maps, batch, 1, seq_q, seq_k)) > 0.3
+    bias = rng.standard_normal((1, heads, seq_q, seq_k)).astype(np.float32)
+    options = dict(bias=bias, key_value_seq_lengths=np.array([seq_k, 29], np.int32),
+                   dropout_rate=0.2, dropout_rng=jax.random.key(int(rng.integers(1 << 30))),
+                   implementation=KERNELS)
+    attend = lambda q, k, v, mask: jt_attention.dot_product_attention(q, k, v, mask=mask,
+                                                                      **options)
+    seen = []
+    if KERNELS == "interpret":
+        run = interpret.run_interpreted
+        monkeypatch.setattr(interpret, "run_interpreted", lambda launches, arrays, *a: seen.append(
+            (arrays["q"].shape, arrays["k"].shape)) or run(launches, arrays, *a))
+    mapped = jax.vmap(attend, in_axes=(0, None, None, 0))(q, k, v, masks)
+    for i in range(maps):
+        want = attend(q[i], k, v, masks[i])
+        assert relative_error(mapped[i], np.asarray(want, np.float64)) < 1e-5, f"{seed=} {i=}"
+    if KERNELS == "interpret":
+        assert (batch, seq_q, maps * heads, head_dim) in [shapes[0] for shapes in seen], seen
+        assert all(shapes[1] == k.shape for shapes in seen), seen
+
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    loss = lambda q, k, v, mask, dout: jnp.sum(attend(q, k, v, mask) * dout)
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None, 0, 0))(
+        q, k, v, masks, dout)
+    summed = jax.grad(lambda q, k, v: jnp.sum(
+        jax.vmap(attend, in_axes=(0, None, None, 0))(q, k, v, masks) * dout),
+        argnums=(0, 1, 2))(q, k, v)
+    per_element = [jax.grad(loss, argnums=(0, 1, 2))(q[i], k, v, masks[i], dout[i])
+                   for i in range(maps)]
+    for name, got, total, want in zip("qkv", grads, summed, zip(*per_element)):
+        want = np.stack([np.asarray(w, np.float64) for w in want])
+        assert relative_error(got, want) < 1e-5, f"d{name} {seed=}"
+        want = want if name == "q" else want.sum(0)
+        assert relative_error(total, want) < 1e-5, f"d{name} summed {seed=}"
+
+
 def test_several_batch_dims_and_small_head_dims():
     """[batch, batch2, seq, heads, head_dim] inputs with a bias over the batch dims, and
     head dims below 16 (padded in the kernels)."""
