@@ -2,11 +2,11 @@
 
 A mapped axis folds into the batch: one launch over axis_size x batch (every array has
 its batch on axis 0). Arrays that are not mapped are broadcast to the whole batch
-first, except the feature operands of batch 1 that are the same for every element of
-the map: those stay as they are (the kernels broadcast them). A bias whose gradient is
-taken is always broadcast, so that each element gets its own, and so are the dropout
-seeds, which the kernels index by batch element and head (features.dropout_seeds): each
-element of the map then draws what a call of its own would.
+first, except the bias, mask and span operands of batch 1, which the kernels broadcast
+(a bias whose gradient is taken is broadcast here, so that each element gets its own).
+The dropout seeds, indexed by batch element and head in the kernels
+(features.dropout_seeds), are broadcast like the query: each element of the map then
+draws what a call of its own would.
 
 A forward launch whose key and value are not mapped (several queries against one set
 of keys and values: beams, candidates) may fold the mapped axis into the query heads
@@ -26,7 +26,10 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
 from jt_attention import partitioning
-from jt_attention.plan import FEATURE_INPUTS
+
+# The operands whose size-1 dims the kernels broadcast (their features.layout codes);
+# the kernels index every other array's batch and heads in full, a size of 1 included.
+BROADCAST_OPERANDS = ("bias", "mask", "key_spans", "query_spans")
 
 
 def foldable(launch, problem, implementation, names, output_names):
@@ -60,11 +63,11 @@ def foldable(launch, problem, implementation, names, output_names):
 # --- into the batch --------------------------------------------------------------------
 
 def _kept_as_is(x, name, mapped, problem):
-    """Whether the batch fold passes x unchanged: an unmapped feature operand of batch 1
-    (not a bias whose gradient is taken, nor the dropout seeds)."""
-    keep = set(FEATURE_INPUTS) - {"dropout_seeds"} - (
-        {"bias"} if problem.features.bias_grad else set())
-    return not mapped and name in keep and x.shape[0] == 1
+    """Whether the batch fold passes x unchanged: an unmapped operand of batch 1 that the
+    kernels broadcast (not a bias whose gradient is taken)."""
+    if name == "bias" and problem.features.bias_grad:
+        return False
+    return not mapped and name in BROADCAST_OPERANDS and x.shape[0] == 1
 
 
 def _into_batch(x, name, mapped, axis_size, problem):
@@ -109,7 +112,7 @@ def _heads_bytes(problem, names, output_names, arrays, mapped, axis_size):
         axis = _heads_axis(name, ndim, problem)
         if mapped[name] and axis is None:
             return math.inf
-        if mapped[name] or (axis is not None and x.shape[axis] > 1):
+        if mapped[name] or (axis is not None and not _broadcast(x, name, axis)):
             copied += _nbytes(x) * (1 if mapped[name] else axis_size)
         if name == "q":
             copied += _nbytes(x) * (1 if mapped[name] else axis_size)  # the output
@@ -120,8 +123,8 @@ def _into_heads(x, name, mapped, axis_size, problem):
     """x with the mapped axis folded into its query heads: [.., K, A, G, ..] for an
     element's [.., K * G, ..] (KV heads K, group G, map A)."""
     axis = _heads_axis(name, x.ndim - mapped, problem)
-    if axis is None or (not mapped and x.shape[axis] == 1):
-        return x  # the same for every element of the map
+    if axis is None or (not mapped and _broadcast(x, name, axis)):
+        return x  # the same for every element of the map and head
     if not mapped:
         x = jnp.broadcast_to(x, (axis_size, *x.shape))
     axis += 1  # behind the mapped axis
@@ -141,6 +144,11 @@ def _out_of_heads(y, name, axis_size, problem):
     y = y.reshape(y.shape[:axis] + (kv_heads, axis_size, group) + y.shape[axis + 1:])
     y = jnp.moveaxis(y, axis + 1, 0)
     return y.reshape(y.shape[:axis + 1] + (problem.num_heads,) + y.shape[axis + 3:])
+
+
+def _broadcast(x, name, axis):
+    """Whether the kernels broadcast x's dim `axis` (size 1 of a BROADCAST_OPERANDS one)."""
+    return name in BROADCAST_OPERANDS and x.shape[axis] == 1
 
 
 def _nbytes(x):

@@ -340,7 +340,7 @@ def test_vmap_over_queries_with_shared_keys_folds_into_heads(head_dim, monkeypat
     come along. Forward and gradients (the backward folds into the batch, each element
     having its own dK and dV) equal a call per element."""
     rng = np.random.default_rng(new_seed())
-    batch, seq_q, seq_k, heads, kv_heads, maps = 2, 3, 40, 4, 2, 3
+    batch, seq_q, seq_k, heads, kv_heads, maps = 2, 3, 40, 4, 2, 2
     (q, k, v), seed = random_inputs(maps * batch, seq_q, seq_k, heads, kv_heads, head_dim,
                                     "float32")
     q = q.reshape(maps, batch, *q.shape[1:])
@@ -379,6 +379,29 @@ def test_vmap_over_queries_with_shared_keys_folds_into_heads(head_dim, monkeypat
         assert relative_error(got, want) < 1e-5, f"d{name} {seed=}"
         want = want if name == "q" else want.sum(0)
         assert relative_error(total, want) < 1e-5, f"d{name} summed {seed=}"
+
+
+@pytest.mark.parametrize("kv_mapped", [True, False], ids=["into_batch", "into_heads"])
+def test_vmap_indexes_segments_and_dropout_streams_in_full(kv_mapped):
+    """Operands the kernels index by batch and head in full, a size of 1 included (segment
+    ids, the dropout seeds), are broadcast along the map, unlike a bias or mask of batch
+    1: with one batch element and one head per call, under either fold."""
+    rng = np.random.default_rng(new_seed())
+    maps, seq_q, seq_k = 3, 20, 24
+    (q, k, v), seed = random_inputs(maps, seq_q, seq_k, 1, 1, 16, "float32")
+    q, k, v = (x.reshape(maps, 1, *x.shape[1:]) for x in (q, k, v))
+    if not kv_mapped:
+        k, v = k[0], v[0]
+    ids = lambda n: np.sort(rng.integers(0, 3, (1, n)), axis=1).astype(np.int32)
+    options = dict(query_segment_ids=ids(seq_q), key_value_segment_ids=ids(seq_k),
+                   dropout_rate=0.3, dropout_rng=jax.random.key(int(rng.integers(1 << 30))),
+                   implementation=KERNELS)
+    attend = lambda q, k, v: jt_attention.dot_product_attention(q, k, v, **options)
+    kv_axis = 0 if kv_mapped else None
+    mapped = jax.vmap(attend, in_axes=(0, kv_axis, kv_axis))(q, k, v)
+    for i in range(maps):
+        want = attend(q[i], k[i] if kv_mapped else k, v[i] if kv_mapped else v)
+        assert relative_error(mapped[i], np.asarray(want, np.float64)) < 1e-5, f"{seed=} {i=}"
 
 
 def test_several_batch_dims_and_small_head_dims():
