@@ -110,13 +110,17 @@ def roles(name, shape, problem):
 # --- Shardy ------------------------------------------------------------------------
 
 def _sharding_rule(kind, problem, implementation, mesh, operand_types, result_types):
-    """The einsum-like Shardy rule: batch "b" and KV heads "k" pass through (query heads
-    are the compound "(k g)", g the group); every other factor needs replication."""
+    """The einsum-like Shardy rule: batch "b", KV heads "k" and query heads "n" (the
+    same factor as k where each KV head serves one query head) pass through; every
+    other factor needs replication. Grouped query heads are not the compound (k g):
+    query heads sharded over more devices than there are KV heads would then have
+    Shardy split the mesh axis into sub-axes for k, a sharding custom_partitioning
+    cannot hand to _partition. _decide keeps the groups whole instead."""
     del implementation, mesh
     from jax._src.lib.mlir import ir
 
     inputs, outputs = array_names(kind, problem)
-    group = problem.num_heads // problem.num_kv_heads
+    heads = "k" if problem.num_heads == problem.num_kv_heads else "n"
     fresh = iter(f"x{i}" for i in range(10**6))
     used = {}  # factor -> None, in order of appearance (Shardy wants them sorted)
 
@@ -127,19 +131,17 @@ def _sharding_rule(kind, problem, implementation, mesh, operand_types, result_ty
             if role is None:
                 factor = next(fresh)
             elif role == "n":
-                factor = "(k g)" if group > 1 else "k"
+                factor = heads
             else:
                 factor = role
-            used.update(dict.fromkeys(factor.strip("()").split()))
+            used[factor] = None
             factors.append(factor)
         return " ".join(factors)
 
     operands = [mapping(n, t) for n, t in zip(inputs, operand_types)]
     results = [mapping(n, t) for n, t in zip(outputs, result_types)]
     rule = ", ".join(operands) + " -> " + ", ".join(results)
-    options = dict(need_replication_factors=tuple(f for f in used if f not in ("b", "k")))
-    if group > 1:
-        options["g"] = group
+    options = dict(need_replication_factors=tuple(f for f in used if f not in ("b", "k", "n")))
     return rule, options
 
 

@@ -77,6 +77,8 @@ CASES = {
                                 2, (4, 4, 16, 16), dict(lengths=True, mask=(1, 4, 16, 16))),
     "dropout_per_element": ((2, 2), ("data", "model"), P("data", None, "model"), 2, 4, 2,
                             (2, 1, 16, 16), dict(dropout="per_element", mask=(1, 4, 16, 16))),
+    "one_kv_head": ((2,), ("data",), P("data"), 2, 4, 1, (1, 4, 16, 16),
+                    dict(is_causal=True, dropout="per_element")),
 }
 
 
@@ -179,7 +181,7 @@ def _gathered_case(spec, heads, kv_heads, mesh_shape, names, caplog):
     (_, want_out), want_grads = step(q, k, v, None, dout)
     sharding = NamedSharding(mesh, spec)
     # Key and value as the query where their shape allows, else replicated.
-    kv_sharding = sharding if kv_heads % 2 == 0 else NamedSharding(mesh, P())
+    kv_sharding = sharding if kv_heads % mesh.size == 0 else NamedSharding(mesh, P())
     jt_attention.log.log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="jt_attention"):
         (_, out), grads = step(jax.device_put(q, sharding), jax.device_put(k, kv_sharding),
@@ -200,9 +202,12 @@ def test_sequence_sharding_is_gathered_and_logged(caplog):
     assert re.search(r"q's q_len dim is sharded over mesh axis 'seq'", log), log
 
 
-def test_heads_not_in_whole_kv_groups_are_gathered(caplog):
-    # 6 query heads over 2 shards, but 3 KV heads: a shard would split a KV group.
-    log = _gathered_case(P(None, None, "model"), 6, 3, (2,), ("model",), caplog)
+@pytest.mark.parametrize("heads,kv_heads,shards", [(6, 3, 2), (4, 2, 4)])
+def test_heads_not_in_whole_kv_groups_are_gathered(heads, kv_heads, shards, caplog):
+    """A shard would split a KV group: 6 query heads over 2 shards with 3 KV heads; 4
+    over 4 with 2, where the KV heads would need a part of the mesh axis each."""
+    log = _gathered_case(P(None, None, "model"), heads, kv_heads, (shards,), ("model",),
+                         caplog)
     assert "whole KV groups" in log and "'model'" in log, log
 
 
