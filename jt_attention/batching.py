@@ -21,7 +21,6 @@ needs dK and dV of its own.
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
