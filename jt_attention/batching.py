@@ -111,10 +111,11 @@ def _heads_bytes(problem, names, output_names, arrays, mapped, axis_size):
         axis = _heads_axis(name, ndim, problem)
         if mapped[name] and axis is None:
             return math.inf
+        over_map = _nbytes(x) * (1 if mapped[name] else axis_size)
         if mapped[name] or (axis is not None and not _broadcast(x, name, axis)):
-            copied += _nbytes(x) * (1 if mapped[name] else axis_size)
+            copied += over_map
         if name == "q":
-            copied += _nbytes(x) * (1 if mapped[name] else axis_size)  # the output
+            copied += over_map  # the output, as large
     return copied
 
 
